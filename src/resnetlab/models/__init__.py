@@ -1,0 +1,10 @@
+"""The ResNet model family: blocks, one configurable ResNet, the keyword-spotting nets and the registry."""
+
+from resnetlab.models.blocks import BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck
+from resnetlab.models.info import model_info
+from resnetlab.models.kws import KWSResNet
+from resnetlab.models.registry import ModelSpec, create_model, get_spec, list_models, register_model
+from resnetlab.models.resnet import ClassifierBase, ResNet
+
+__all__ = ["BasicBlock", "Bottleneck", "PreActBasicBlock", "PreActBottleneck", "ResNet", "KWSResNet",
+           "ClassifierBase", "ModelSpec", "create_model", "get_spec", "list_models", "register_model", "model_info"]
