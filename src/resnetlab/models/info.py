@@ -81,8 +81,9 @@ def model_info(model_or_name: nn.Module | str, input_size: Sequence[int] | None 
     info: dict = {}
     if isinstance(model_or_name, str):
         spec = get_spec(model_or_name)
-        model = create_model(model_or_name, num_classes=spec.config.get("num_classes", 1000))
-        info.update(name=spec.name, description=spec.description, paper=spec.paper, modality=spec.modality)
+        model = create_model(model_or_name, num_classes=spec.num_classes)
+        info.update(name=spec.name, description=spec.description, paper=spec.paper, modality=spec.modality,
+                    num_classes=spec.num_classes)
     elif isinstance(model_or_name, nn.Module):
         model = model_or_name
         if getattr(model, "arch", None):
@@ -96,7 +97,8 @@ def model_info(model_or_name: nn.Module | str, input_size: Sequence[int] | None 
     input_size = tuple(int(s) for s in input_size)
     expected = getattr(model, "ndim", len(input_size) - 1) + 1
     if len(input_size) != expected or any(s < 1 for s in input_size):
-        raise ValueError(f"input_size must be {expected} positive sizes (channels first, no batch axis), got {input_size}")
+        raise ValueError(f"input_size must be {expected} positive sizes (channels first, no batch axis), "
+                         f"got {input_size}")
     info["params"] = sum(p.numel() for p in model.parameters())
     info["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     info["input_size"] = list(input_size)

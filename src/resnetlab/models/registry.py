@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -27,7 +27,7 @@ class ModelSpec:
     paper: str
     input_size: tuple[int, ...]  # (C, H, W) for 2-D nets, (C, T) for 1-D nets, at in_chans' default
     modality: str = "image"  # image | audio
-    tags: tuple[str, ...] = field(default_factory=tuple)
+    num_classes: int = 1000  # the classes of the data set it is usually shown with (for tables, model_info)
 
     @property
     def ndim(self) -> int:
@@ -45,17 +45,23 @@ AUDIO1D_SIZE = (40, 101)  # 40 log-mel bands as channels x 101 frames
 
 
 def register_model(name: str, cls: type, config: dict[str, Any], description: str, paper: str,
-                   input_size: tuple[int, ...], modality: str = "image", tags: tuple[str, ...] = ()) -> None:
+                   input_size: tuple[int, ...], modality: str = "image", num_classes: int | None = None) -> None:
+    """Add a named architecture. ``num_classes`` defaults to 1000 for ImageNet-size inputs, 10 for CIFAR-size
+    ones and 12 (the Speech Commands task of Tang & Lin) for audio."""
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is already registered")
-    _REGISTRY[name] = ModelSpec(name, cls, dict(config), description, paper, tuple(input_size), modality, tags)
+    if num_classes is None:
+        num_classes = 12 if modality == "audio" else 1000 if input_size[-1] >= 224 else 10
+    _REGISTRY[name] = ModelSpec(name, cls, dict(config), description, paper, tuple(input_size), modality,
+                                num_classes)
 
 
 def list_models(pattern: str | None = None) -> list[str]:
     """Registered model names, sorted; ``pattern`` is a shell-style filter such as ``"resnet*"``."""
     names = sorted(_REGISTRY, key=_natural_key)
     if pattern:
-        names = [n for n in names if fnmatch.fnmatch(n, pattern if any(c in pattern for c in "*?[") else f"*{pattern}*")]
+        glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+        names = [n for n in names if fnmatch.fnmatch(n, glob)]
     return names
 
 
@@ -69,7 +75,8 @@ def get_spec(name: str) -> ModelSpec:
     if not isinstance(name, str) or name not in _REGISTRY:
         close = fnmatch.filter(_REGISTRY, f"*{name}*") if isinstance(name, str) else []
         hint = f" (did you mean {', '.join(sorted(close)[:5])}?)" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint}; run `resnetlab models` for the {len(_REGISTRY)} known names")
+        known = ", ".join(sorted(_REGISTRY, key=_natural_key))
+        raise ValueError(f"unknown model {name!r}{hint}; known: {known}")
     return _REGISTRY[name]
 
 
@@ -95,7 +102,8 @@ def create_model(name: str, *, num_classes: int = 1000, in_chans: int | None = N
     allowed = [p for p in inspect.signature(spec.cls).parameters if p not in ("num_classes", "in_chans")]
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
-        raise ValueError(f"unknown argument(s) {unknown} for {name} ({spec.cls.__name__}); allowed: {', '.join(allowed)}")
+        raise ValueError(f"unknown argument(s) {unknown} for {name} ({spec.cls.__name__}); "
+                         f"allowed: {', '.join(allowed)}")
     model = spec.cls(**{**spec.config, **overrides}, num_classes=num_classes, in_chans=in_chans)
     model.arch = name
     model.default_input_size = (in_chans, *spec.input_size[1:])

@@ -1,0 +1,297 @@
+"""The Python API: ``train``, ``evaluate``, ``predict`` and ``load_model``; the CLI is a thin layer over these.
+
+    import resnetlab
+    run = resnetlab.train("builtin:digits", epochs=3)
+    resnetlab.evaluate(run.run_dir, "path/to/test_images")
+    resnetlab.predict(run.run_dir, ["a.png", "b.png"], top_k=3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from resnetlab.data.errors import DataError
+from resnetlab.data.loader import DeviceLoader
+from resnetlab.data.pipeline import Pipeline, build_pipeline
+from resnetlab.data.prepare import PreparedData, channel_stats, decoder_for, prepare_data
+from resnetlab.models import create_model, get_spec
+from resnetlab.training import checkpoint as ckpt
+from resnetlab.training.config import TrainConfig, load_yaml, make_config, save_config
+from resnetlab.training.defaults import resolve
+from resnetlab.training.engine import Phase, Trainer
+from resnetlab.training.evaluate import predict_loader
+from resnetlab.training.precision import pick_device, pick_precision
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_acc: float
+    best_epoch: int
+    epochs: int
+    seconds: float
+    interrupted: bool
+    config: TrainConfig
+    report: Path | None = None
+
+
+def code_version() -> dict:
+    """The package version and, in a git checkout, the commit (saved beside every checkpoint)."""
+    from resnetlab import __version__
+
+    info = {"resnetlab": __version__, "torch": str(torch.__version__)}
+    try:
+        root = Path(__file__).resolve().parents[2]
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=5)
+        if commit.returncode == 0:
+            info["git"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def build_config(config: str | Path | dict | TrainConfig | None = None, **options) -> TrainConfig:
+    """Defaults, then ``config`` (a YAML path, a mapping or a TrainConfig), then keyword ``options``."""
+    if isinstance(config, TrainConfig):
+        base = dataclasses.asdict(config)
+    elif isinstance(config, (str, Path)):
+        base = load_yaml(config)
+    else:
+        base = dict(config or {})
+    options = {k: v for k, v in options.items() if v is not None or k in ("arch",)}
+    return make_config(TrainConfig, base, options)
+
+
+def make_pipeline(cfg: TrainConfig, prepared: PreparedData, model_ndim: int, device: torch.device) -> Pipeline:
+    """The modality's pipeline for a run, with normalisation statistics measured on the training cache."""
+    num_classes = prepared.spec.num_classes
+    if prepared.spec.modality == "image":
+        from resnetlab.data.image_pipeline import ImagePipeline
+
+        mean, std = cfg.mean, cfg.std
+        if mean is None or std is None:
+            m, s = channel_stats(prepared.train.x, seed=cfg.seed)
+            mean, std = mean or m, std or s
+        return ImagePipeline((cfg.img_size, cfg.img_size), cfg.channels, mean, std, num_classes,
+                             crop_pad=cfg.crop_pad, flip=cfg.flip, rrc=cfg.rrc, cutout=cfg.cutout, mixup=cfg.mixup,
+                             cutmix=cfg.cutmix)
+    from resnetlab.data.audio_pipeline import AudioPipeline
+
+    sr = prepared.facts["sample_rate"]
+    pipe = AudioPipeline(
+        sample_rate=sr, num_samples=prepared.facts["num_samples"], features=cfg.features, n_mels=cfg.n_mels,
+        n_mfcc=cfg.n_mels, win_length=round(cfg.win_ms * sr / 1000), hop_length=round(cfg.hop_ms * sr / 1000),
+        layout="1d" if model_ndim == 1 else "2d", normalize="global", time_shift_ms=cfg.time_shift_ms,
+        noise_prob=cfg.noise_prob, snr_db=tuple(cfg.snr_db), noise_dir=cfg.noise_dir, spec_augment=cfg.spec_augment,
+        speed_perturb=cfg.speed_perturb, num_classes=num_classes)
+    pipe.fit_normalization(torch.from_numpy(np.asarray(prepared.train.x[: min(len(prepared.train), 2000)])))
+    return pipe
+
+
+def _log_to(quiet: bool):
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    return log
+
+
+def prepare_run(cfg: TrainConfig, log=print):
+    """Data, resolved config, pipeline and model for a run (shared by train and finetune)."""
+    if not cfg.data:
+        raise ValueError("no data: pass --data PATH (a folder, a CSV manifest, or builtin:digits)")
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    prepared = prepare_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, img_size=cfg.img_size,
+                            channels=cfg.channels, sample_rate=cfg.sample_rate, duration=cfg.duration,
+                            cache_dir=cfg.cache_dir, strict=cfg.strict_data, progress=not cfg.quiet, log=log)
+    cfg = resolve(cfg, modality=prepared.spec.modality, facts=prepared.facts, n_train=len(prepared.train),
+                  device_type=device.type)
+    spec = get_spec(cfg.arch)
+    pipeline = make_pipeline(cfg, prepared, spec.ndim, device)
+    return cfg, device, prepared, pipeline
+
+
+def make_loaders(cfg: TrainConfig, prepared: PreparedData, device: torch.device, rank: int = 0, world: int = 1):
+    on_device = device.type == "cuda" and prepared.train.x.nbytes < 4 * 2**30
+    train_loader = DeviceLoader(prepared.train.x, prepared.train.y, cfg.batch_size, shuffle=True, drop_last=True,
+                                device=device, seed=cfg.seed, on_device=on_device, rank=rank, world_size=world)
+    val_loader = None
+    if prepared.val is not None and len(prepared.val):
+        val_loader = DeviceLoader(prepared.val.x, prepared.val.y, max(cfg.batch_size, 256), shuffle=False,
+                                  drop_last=False, device=device, on_device=on_device)
+    return train_loader, val_loader
+
+
+def run_training(cfg: TrainConfig, model: torch.nn.Module, prepared: PreparedData, pipeline: Pipeline,
+                 device: torch.device, meta: dict, *, phases: list[Phase] | None = None, log=print) -> TrainResult:
+    """Fit, then write the report from the best checkpoint. Shared by ``train`` and ``finetune``."""
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml", {"code_version": code_version()})
+    prec = pick_precision(device, cfg.precision, cfg.channels_last, getattr(model, "ndim", 2))
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    train_loader, val_loader = make_loaders(cfg, prepared, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"{cfg.arch}: {n_params:,} parameters; {len(prepared.train)} train samples, batch {cfg.batch_size}, "
+        f"{cfg.epochs} epochs, {cfg.optimizer} lr {cfg.lr:g}; {device.type} {prec.name}"
+        f"{' channels-last' if prec.channels_last else ''}; run directory {run_dir}")
+    trainer = Trainer(model, pipeline, train_loader, val_loader, cfg, run_dir, meta, prec, phases=phases, log=log)
+    fit = trainer.fit()
+    report = None
+    best = run_dir / "checkpoints" / "best.safetensors"
+    if best.exists():
+        tensors, _ = ckpt.read_checkpoint(best)
+        ckpt.unwrap(trainer.model).load_state_dict(ckpt.strip_prefix(tensors, "model."))
+        val_pred = trainer.validate(trainer.model)
+        from resnetlab.report.run_report import write_run_report
+
+        report = write_run_report(run_dir, val_x=prepared.val.x if prepared.val is not None else None,
+                                  val_pred=val_pred, classes=prepared.spec.classes, modality=prepared.spec.modality,
+                                  pipeline=trainer.pipeline, skipped=prepared.skipped)
+    return TrainResult(run_dir, fit.best_acc, fit.best_epoch, fit.epochs, fit.seconds, fit.interrupted, cfg, report)
+
+
+def model_meta(cfg: TrainConfig, prepared: PreparedData, in_chans: int, overrides: dict) -> dict:
+    return {"arch": cfg.arch, "num_classes": prepared.spec.num_classes, "in_chans": in_chans,
+            "model_overrides": overrides, "classes": prepared.spec.classes, "modality": prepared.spec.modality,
+            "code_version": code_version()}
+
+
+def train(data: str | None = None, *, config: str | Path | dict | TrainConfig | None = None, log=None,
+          **options) -> TrainResult:
+    """Train a ResNet from scratch on ``data``; every option of ``resnetlab train`` is a keyword here.
+
+    Returns a :class:`TrainResult` with the run directory, the best validation accuracy and the report path.
+    ``resume=True`` with ``out=RUN_DIR`` continues that run's schedule from its last checkpoint.
+    """
+    if data is not None:
+        options["data"] = data
+    cfg = build_config(config, **options)
+    if cfg.arch is not None:
+        get_spec(cfg.arch)  # an unknown name fails before any data is read
+    log = log or _log_to(cfg.quiet)
+    if cfg.resume:
+        if not cfg.out or not (Path(cfg.out) / "config.yaml").exists():
+            raise ValueError(f"--resume needs --out pointing at an existing run directory (got {cfg.out!r})")
+        saved = load_yaml(Path(cfg.out) / "config.yaml")
+        saved.pop("code_version", None)
+        explicit = {k: v for k, v in options.items() if k in ("quiet", "device", "epochs")}
+        cfg = make_config(TrainConfig, saved, explicit, {"resume": True, "out": cfg.out})
+    cfg, device, prepared, pipeline = prepare_run(cfg, log)
+    overrides = {"drop_rate": cfg.drop_rate, "zero_init_last": cfg.zero_init_last}
+    in_chans = pipeline.input_size()[0]
+    model = create_model(cfg.arch, num_classes=prepared.spec.num_classes, in_chans=in_chans, **overrides)
+    meta = model_meta(cfg, prepared, in_chans, overrides)
+    result = run_training(cfg, model, prepared, pipeline, device, meta, log=log)
+    log(f"best val accuracy {result.best_acc:.4f} at epoch {result.best_epoch}; "
+        f"{result.seconds:.1f} s; report: {result.report}")
+    return result
+
+
+def load_model(run_or_checkpoint: str | Path, *, device: str = "cpu", which: str = "best"):
+    """``(model, pipeline, meta)`` from a run directory or a checkpoint file, ready for inference (eval mode)."""
+    path = ckpt.find_checkpoint(run_or_checkpoint, which)
+    tensors, meta = ckpt.read_checkpoint(path)
+    for key in ("arch", "num_classes", "in_chans", "pipeline", "classes"):
+        if key not in meta:
+            raise ckpt.CheckpointError(f"checkpoint {path} lacks {key!r} in its metadata")
+    model = create_model(meta["arch"], num_classes=meta["num_classes"], in_chans=meta["in_chans"],
+                         **meta.get("model_overrides", {}))
+    model.load_state_dict(ckpt.strip_prefix(tensors, "model."))
+    dev = pick_device(device)
+    model.to(dev).eval()
+    pipeline = build_pipeline(meta["pipeline"]).to(dev)
+    meta["checkpoint"] = str(path)
+    return model, pipeline, meta
+
+
+def evaluate(run_or_checkpoint: str | Path, data: str, *, tta: bool = False, batch_size: int = 256,
+             device: str = "auto", out: str | Path | None = None, cache_dir: str | None = None,
+             strict_data: bool = False, log=print) -> dict:
+    """Top-1/top-5 accuracy, per-class precision/recall/F1 and a confusion matrix of a trained model on ``data``.
+
+    Uses the held-out split of ``data`` when it has one (``val/``, ``test/`` or a CSV split column), else every
+    file. Writes ``eval.json`` and ``eval_confusion.png`` into ``out`` (default: the run directory).
+    """
+    from resnetlab.report.run_report import evaluation_summary, write_eval_plots
+
+    model, pipeline, meta = load_model(run_or_checkpoint, device=device)
+    dev = next(model.parameters()).device
+    pc = meta["pipeline"]
+    facts = ({"img_size": pc["size"][0], "channels": pc["channels"]} if pc["modality"] == "image" else
+             {"sample_rate": pc["sample_rate"], "num_samples": pc["num_samples"],
+              "duration": pc["num_samples"] / pc["sample_rate"]})
+    if pc["modality"] == "image":
+        facts["img_size"] = tuple(pc["size"])
+    prepared = prepare_data(data, modality_facts=facts, val_fraction=0.0, classes=meta["classes"],
+                            cache_dir=cache_dir, strict=strict_data, log=log)
+    if prepared.spec.modality != pc["modality"]:
+        raise DataError(f"{data} holds {prepared.spec.modality} files but the model was trained on {pc['modality']}")
+    arrays = prepared.val if prepared.val is not None and len(prepared.val) else prepared.train
+    loader = DeviceLoader(arrays.x, arrays.y, batch_size, shuffle=False, drop_last=False, device=dev)
+    prec = pick_precision(dev, "auto", None, getattr(model, "ndim", 2))
+    model = model.to(memory_format=torch.channels_last) if prec.channels_last else model
+    t0 = time.perf_counter()
+    pred = predict_loader(model, pipeline, loader, prec, tta=tta)
+    summary = evaluation_summary(pred.logits, pred.targets, meta["classes"])
+    summary.update(checkpoint=meta["checkpoint"], data=str(data), tta=tta, seconds=round(time.perf_counter() - t0, 3),
+                   skipped=[list(s) for s in prepared.skipped])
+    out_dir = Path(out) if out else Path(meta["checkpoint"]).parent.parent
+    if not out and not (out_dir / "config.yaml").exists():
+        out_dir = Path(meta["checkpoint"]).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(json.dumps(summary, indent=1))
+    write_eval_plots(out_dir, summary, meta["classes"], prefix="eval_")
+    summary["eval_json"] = str(out_dir / "eval.json")
+    return summary
+
+
+def predict(run_or_checkpoint: str | Path, inputs, *, top_k: int = 5, batch_size: int = 64,
+            device: str = "auto") -> list[dict]:
+    """Top-k labels for each input file (or every known file inside input folders).
+
+    Returns a list of ``{"file": path, "top_k": [{"label": str, "prob": float}, ...]}``; an unreadable file
+    gets ``{"file": path, "error": "..."}`` instead, and the others are still predicted.
+    """
+    from resnetlab.data.layout import list_input_files
+
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    files = list_input_files([str(p) for p in inputs])
+    if not files:
+        raise DataError(f"no image or audio files in {', '.join(map(str, inputs))}")
+    model, pipeline, meta = load_model(run_or_checkpoint, device=device)
+    if top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {top_k}")
+    k = min(top_k, meta["num_classes"])
+    decode, _, _ = decoder_for(meta["pipeline"])
+    dev = next(model.parameters()).device
+    prec = pick_precision(dev, "auto", False, getattr(model, "ndim", 2))
+    results: list[dict | None] = [None] * len(files)
+    good: list[tuple[int, np.ndarray]] = []
+    for i, f in enumerate(files):
+        try:
+            good.append((i, decode(f)))
+        except DataError as e:
+            results[i] = {"file": f, "error": str(e)}
+    for start in range(0, len(good), batch_size):
+        chunk = good[start:start + batch_size]
+        x = torch.from_numpy(np.stack([a for _, a in chunk])).to(dev)
+        with torch.no_grad(), prec.autocast():
+            inp, _ = pipeline(x, None, train=False)
+            prob = model(inp).float().softmax(1).cpu()
+        p, idx = prob.topk(k, dim=1)
+        for row, (i, _) in enumerate(chunk):
+            results[i] = {"file": files[i], "top_k": [{"label": meta["classes"][j], "prob": round(float(q), 6)}
+                                                     for q, j in zip(p[row].tolist(), idx[row].tolist())]}
+    return results

@@ -1,0 +1,95 @@
+"""Batched image augmentation on the device: one call per batch, a different random draw per image.
+
+torchvision's v2 transforms draw one set of random parameters per call, so applied to a batch tensor they
+crop and flip every image the same way; these functions draw per image, without Python loops over the batch
+(the airbench approach). MixUp and CutMix come from torchvision's v2 batch transforms.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _rand(n: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    return torch.rand(n, generator=generator, device=device)
+
+
+def random_crop(x: torch.Tensor, pad: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pad by ``pad`` pixels (reflect) and crop back to the input size at a random offset per image."""
+    if pad <= 0:
+        return x
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = (_rand(n, generator, x.device) * (2 * pad + 1)).long().clamp_(max=2 * pad)
+    dx = (_rand(n, generator, x.device) * (2 * pad + 1)).long().clamp_(max=2 * pad)
+    rows = (torch.arange(h, device=x.device)[None, :] + dy[:, None])  # (N, H)
+    cols = (torch.arange(w, device=x.device)[None, :] + dx[:, None])  # (N, W)
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous(memory_format=torch.contiguous_format)
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.5) -> torch.Tensor:
+    """Horizontal flip of each image with probability ``p``."""
+    mask = (_rand(x.shape[0], generator, x.device) < p).view(-1, 1, 1, 1)
+    return torch.where(mask, x.flip(-1), x)
+
+
+def random_resized_crop(x: torch.Tensor, size: tuple[int, int], scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3),
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Inception-style crop: a random area fraction and aspect ratio per image, resized to ``size`` (bilinear).
+
+    One ``grid_sample`` for the whole batch. Boxes that would leave the image are shrunk to fit, rather than
+    re-drawn up to 10 times as torchvision does per image.
+    """
+    n = x.shape[0]
+    dev = x.device
+    area = scale[0] + (scale[1] - scale[0]) * _rand(n, generator, dev)
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * _rand(n, generator, dev)
+    r = torch.exp(log_r)
+    # box size as a fraction of the image side (aspect = w/h)
+    bw = torch.sqrt(area * r).clamp(max=1.0)
+    bh = torch.sqrt(area / r).clamp(max=1.0)
+    cx = (1 - bw) * (2 * _rand(n, generator, dev) - 1)  # centre in [-1, 1] coordinates, box inside the image
+    cy = (1 - bh) * (2 * _rand(n, generator, dev) - 1)
+    theta = torch.zeros(n, 2, 3, device=dev, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 0, 2] = bw, cx
+    theta[:, 1, 1], theta[:, 1, 2] = bh, cy
+    grid = F.affine_grid(theta, (n, x.shape[1], *size), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def cutout(x: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Zero a ``size`` x ``size`` square at a random centre per image (DeVries & Taylor 2017)."""
+    if size <= 0:
+        return x
+    n, _, h, w = x.shape
+    cy = (_rand(n, generator, x.device) * h).long()
+    cx = (_rand(n, generator, x.device) * w).long()
+    ys = torch.arange(h, device=x.device)[None, :]
+    xs = torch.arange(w, device=x.device)[None, :]
+    in_y = ((ys - cy[:, None]).abs() <= size // 2)[:, :, None]
+    in_x = ((xs - cx[:, None]).abs() <= size // 2)[:, None, :]
+    return x * (~(in_y & in_x))[:, None].to(x.dtype)
+
+
+def mix(x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup: float = 0.0,
+        cutmix: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """MixUp and/or CutMix (torchvision v2; one chosen at random per batch when both are on).
+
+    Returns the mixed batch and soft targets ``(N, num_classes)``.
+    """
+    from torchvision.transforms import v2
+
+    ops = []
+    if mixup > 0:
+        ops.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
+    if cutmix > 0:
+        ops.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
+    if not ops:
+        return x, y
+    op = ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
+    return op(x, y)

@@ -1,0 +1,82 @@
+"""The image pipeline: uint8 batches from the cache -> augmented, normalised float model input."""
+
+from __future__ import annotations
+
+import torch
+
+from resnetlab.data.augment import cutout, mix, random_crop, random_flip, random_resized_crop
+from resnetlab.data.pipeline import Pipeline, register_pipeline
+
+
+@register_pipeline("image")
+class ImagePipeline(Pipeline):
+    """Augment (train only) and normalise image batches on the device.
+
+    Args:
+        size: (height, width) of the model input; cached images are already this size.
+        channels: 1 or 3.
+        mean, std: per-channel normalisation in [0, 1] units.
+        crop_pad: random crop with reflect padding, pixels (0: off).
+        flip: random horizontal flips.
+        rrc: random-resized-crop (scale ``rrc_scale``) instead of padding crops.
+        cutout: cutout square side, pixels (0: off).
+        mixup, cutmix: alphas (0: off); targets become soft probabilities.
+    """
+
+    def __init__(self, size: tuple[int, int], channels: int, mean: list[float], std: list[float],
+                 num_classes: int, *, crop_pad: int = 0, flip: bool = True, rrc: bool = False,
+                 rrc_scale: tuple[float, float] = (0.35, 1.0), cutout: int = 0, mixup: float = 0.0,
+                 cutmix: float = 0.0):
+        if len(mean) != channels or len(std) != channels:
+            raise ValueError(f"mean/std need {channels} values, got {list(mean)} / {list(std)}")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"std must be positive, got {list(std)}")
+        self.size = (int(size[0]), int(size[1]))
+        self.channels = int(channels)
+        self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
+        self.num_classes = int(num_classes)
+        self.crop_pad, self.flip, self.rrc = int(crop_pad), bool(flip), bool(rrc)
+        self.rrc_scale = (float(rrc_scale[0]), float(rrc_scale[1]))
+        self.cutout, self.mixup, self.cutmix = int(cutout), float(mixup), float(cutmix)
+        self._mean_t = torch.tensor(self.mean).view(1, -1, 1, 1)
+        self._std_t = torch.tensor(self.std).view(1, -1, 1, 1)
+
+    def to(self, device) -> ImagePipeline:
+        self._mean_t, self._std_t = self._mean_t.to(device), self._std_t.to(device)
+        return self
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (or [0, 1] float) images -> normalised float."""
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255)
+        return (x - self._mean_t.to(x.device)) / self._std_t.to(x.device)
+
+    def __call__(self, x, y, train, generator=None):
+        x = x.float().div_(255)
+        if train:
+            if self.rrc:
+                x = random_resized_crop(x, self.size, self.rrc_scale, generator=generator)
+            elif self.crop_pad:
+                x = random_crop(x, self.crop_pad, generator)
+            if self.flip:
+                x = random_flip(x, generator)
+            if self.cutout:
+                x = cutout(x, self.cutout, generator)
+        x = self.normalize(x)
+        if train and y is not None and (self.mixup or self.cutmix):
+            x, y = mix(x, y, self.num_classes, self.mixup, self.cutmix)
+        return x, y
+
+    def input_size(self) -> tuple[int, ...]:
+        return (self.channels, *self.size)
+
+    def config(self) -> dict:
+        return {"modality": "image", "size": list(self.size), "channels": self.channels, "mean": self.mean,
+                "std": self.std, "num_classes": self.num_classes, "crop_pad": self.crop_pad, "flip": self.flip,
+                "rrc": self.rrc, "rrc_scale": list(self.rrc_scale), "cutout": self.cutout, "mixup": self.mixup,
+                "cutmix": self.cutmix}
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> ImagePipeline:
+        cfg = {k: v for k, v in cfg.items() if k != "modality"}
+        return cls(**cfg)

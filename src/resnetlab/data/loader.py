@@ -1,0 +1,102 @@
+"""Device batches: index the memory-mapped cache, move to the device, one batch ahead in a thread.
+
+The order of an epoch is a pure function of (seed, epoch), so a resumed run sees exactly the batches an
+uninterrupted one would, from any batch index. Under torchrun each rank takes its own slice of that order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+
+class DeviceLoader:
+    """Iterate ``(x, y)`` batches on ``device`` over arrays ``x`` (N, ...) and ``y`` (N,).
+
+    Args:
+        x, y: numpy arrays or memmaps (the decoded cache). Kept on the host unless ``on_device``.
+        batch_size: per process.
+        shuffle: a fresh seeded permutation each epoch; otherwise the stored order.
+        drop_last: drop the last incomplete batch (training: keeps BN statistics sane).
+        on_device: copy the whole dataset to the device once (fast path for GPUs when it fits).
+        rank, world_size: shard for distributed training (each rank gets every world_size-th sample of
+            the epoch's permutation, padded by repetition so all ranks take the same number of steps).
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, *, shuffle: bool, drop_last: bool,
+                 device: torch.device | str = "cpu", seed: int = 0, on_device: bool = False, rank: int = 0,
+                 world_size: int = 1):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.x, self.y = x, np.array(y, dtype=np.int64)  # a private, writable copy of the labels
+        self.n = len(self.y)
+        self.batch_size = batch_size
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.device = torch.device(device)
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        self.per_rank = -(-self.n // world_size)
+        self._x_dev = torch.from_numpy(np.ascontiguousarray(x)).to(self.device) if on_device else None
+        self._y_all = torch.from_numpy(self.y)
+        self._pin = self.device.type == "cuda"
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return max(self.per_rank // self.batch_size, 1)
+        return -(-self.per_rank // self.batch_size)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """Sample indices of this rank for ``epoch``."""
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            perm = torch.randperm(self.n, generator=g)
+        else:
+            perm = torch.arange(self.n)
+        if self.world_size > 1:
+            pad = self.per_rank * self.world_size - self.n
+            if pad:
+                perm = torch.cat([perm, perm[:pad]])
+            perm = perm[self.rank::self.world_size]
+        return perm
+
+    def _batches(self, epoch: int, start: int) -> list[torch.Tensor]:
+        perm = self.order(epoch)
+        bs = self.batch_size
+        if self.drop_last and len(perm) >= bs:
+            perm = perm[: len(perm) // bs * bs]
+        return [perm[i:i + bs] for i in range(start * bs, len(perm), bs)]
+
+    def _fetch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._x_dev is not None:
+            dev_idx = idx.to(self.device)
+            return self._x_dev[dev_idx], self._y_all[idx].to(self.device)
+        # Sorted reads are sequential on the memmap; the order inside a batch does not matter to SGD.
+        idx = idx.sort().values
+        xb = torch.from_numpy(self.x[idx.numpy()])
+        yb = self._y_all[idx]
+        if self._pin:
+            xb, yb = xb.pin_memory(), yb.pin_memory()
+        return xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield the batches of ``epoch`` from batch ``start_batch`` on (for mid-epoch resume)."""
+        batches = self._batches(epoch, start_batch)
+        if not batches:
+            return
+        if self._x_dev is not None:
+            for idx in batches:
+                yield self._fetch(idx)
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self._fetch, batches[0])
+            for nxt in batches[1:]:
+                ready = pending.result()
+                pending = pool.submit(self._fetch, nxt)
+                yield ready
+            yield pending.result()
+
+    def __iter__(self):
+        return self.epoch(0)

@@ -1,0 +1,61 @@
+"""Pipelines: what turns a batch from the cache into model input, on the device.
+
+Data flows one way: files -> cache (compact uint8 images / int16 waves) -> batches on the device ->
+``Pipeline`` (augment, features, normalise) -> model. A pipeline is described by a JSON-able ``config()``
+that is saved in every checkpoint, so ``predict`` and ``serve`` rebuild exactly what training used.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Pipeline:
+    """Base class. Subclasses implement ``__call__``, ``config`` and ``from_config``.
+
+    ``__call__(x, y, train)`` takes a batch already on the device (``x``: uint8 ``(N, C, H, W)`` images or
+    int16 ``(N, T)`` waves; ``y``: int64 labels or ``None``) and returns ``(inputs, targets)``: float model
+    input, and targets that are int64 class indices or, after mixup/cutmix, float ``(N, num_classes)``
+    probabilities. With ``train=False`` it is deterministic (no augmentation).
+    """
+
+    modality: str = ""
+    num_classes: int = 0
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor | None, train: bool,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def input_size(self) -> tuple[int, ...]:
+        """One sample's model-input shape, without the batch axis (e.g. ``(3, 32, 32)`` or ``(1, 40, 101)``)."""
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        raise NotImplementedError
+
+    def to(self, device: torch.device | str) -> Pipeline:
+        """Move any tensors the pipeline holds (filterbanks, noise clips) to ``device``."""
+        return self
+
+
+_PIPELINES: dict[str, type] = {}
+
+
+def register_pipeline(modality: str):
+    def deco(cls):
+        cls.modality = modality
+        _PIPELINES[modality] = cls
+        return cls
+
+    return deco
+
+
+def build_pipeline(config: dict) -> Pipeline:
+    """Rebuild a pipeline from its ``config()`` (as stored in a checkpoint)."""
+    import resnetlab.data.audio_pipeline  # noqa: F401  (registers the audio pipeline)
+    import resnetlab.data.image_pipeline  # noqa: F401  (registers the image pipeline)
+
+    modality = config.get("modality")
+    if modality not in _PIPELINES:
+        raise ValueError(f"unknown pipeline modality {modality!r}; known: {', '.join(sorted(_PIPELINES))}")
+    return _PIPELINES[modality].from_config(config)

@@ -1,0 +1,115 @@
+"""From a dataset path to cached arrays and a pipeline: the files -> cache half of the data flow.
+
+``prepare_data`` scans the dataset, picks what the data implies (image size and colour, clip length),
+decodes every file once into the memory-mapped cache and reports what it skipped. ``decoder_for`` rebuilds
+the same decoding from a checkpoint's pipeline config, for ``evaluate`` and ``predict``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from resnetlab.data.builtin import resolve_builtin
+from resnetlab.data.cache import ArrayDataset, build_cache, default_cache_root
+from resnetlab.data.errors import DataError
+from resnetlab.data.layout import DatasetSpec, scan_dataset
+
+
+@dataclass
+class PreparedData:
+    spec: DatasetSpec
+    train: ArrayDataset
+    val: ArrayDataset | None
+    sample_shape: tuple[int, ...]  # one cached sample: (C, H, W) uint8 or (T,) int16
+    facts: dict  # what was chosen from the data: img_size, channels / sample_rate, num_samples, duration
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        return list(self.train.skipped) + (list(self.val.skipped) if self.val is not None else [])
+
+
+def image_decoder(size: int | tuple[int, int], channels: int):
+    from resnetlab.data.images import decode_image
+
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    return functools.partial(decode_image, size=hw, channels=channels), (channels, *hw), np.uint8
+
+
+def audio_decoder(sample_rate: int, num_samples: int):
+    from resnetlab.data.audio import decode_audio
+
+    return functools.partial(decode_audio, sample_rate=sample_rate, num_samples=num_samples), (num_samples,), np.int16
+
+
+def decoder_for(pipeline_cfg: dict):
+    """``(decode, sample_shape, dtype)`` that reproduce the cache format a checkpoint was trained on."""
+    if pipeline_cfg["modality"] == "image":
+        return image_decoder(tuple(pipeline_cfg["size"]), pipeline_cfg["channels"])
+    return audio_decoder(pipeline_cfg["sample_rate"], pipeline_cfg["num_samples"])
+
+
+def choose_image_facts(spec: DatasetSpec, img_size: int | None, channels: int | None) -> dict:
+    from resnetlab.data.images import probe_images
+
+    probe = probe_images([p for p, _ in spec.train], seed=0)
+    side = img_size or min(max(probe["height"], probe["width"]), 224)
+    if side < 8:
+        raise DataError(f"--img-size must be at least 8 pixels, got {side}")
+    ch = channels or probe["channels"]
+    if ch not in (1, 3):
+        raise DataError(f"--channels must be 1 or 3, got {ch}")
+    return {"img_size": int(side), "channels": int(ch), "native_size": [probe["height"], probe["width"]]}
+
+
+def choose_audio_facts(spec: DatasetSpec, sample_rate: int, duration: float | None) -> dict:
+    from resnetlab.data.audio import default_duration, probe_audio
+
+    probe = probe_audio([p for p, _ in spec.train])
+    dur = duration or default_duration(probe)
+    if not (0.05 <= dur <= 60):
+        raise DataError(f"--duration must be between 0.05 and 60 s, got {dur}")
+    return {"sample_rate": int(sample_rate), "duration": float(dur), "num_samples": int(math.ceil(dur * sample_rate)),
+            "native_sample_rate": probe.get("sample_rate")}
+
+
+def prepare_data(data: str, *, modality_facts: dict | None = None, val_fraction: float = 0.1, seed: int = 0,
+                 img_size: int | None = None, channels: int | None = None, sample_rate: int = 16000,
+                 duration: float | None = None, cache_dir: str | None = None, strict: bool = False,
+                 progress: bool = True, classes: list[str] | None = None, log=print) -> PreparedData:
+    """Scan ``data`` (folder, CSV or ``builtin:NAME``), decode it once into the cache, return the arrays."""
+    path = resolve_builtin(data)
+    spec = scan_dataset(path, val_fraction=val_fraction, seed=seed, classes=classes)
+    log(spec.summary())
+    if spec.modality == "image":
+        facts = modality_facts or choose_image_facts(spec, img_size, channels)
+        decode, shape, dtype = image_decoder(facts["img_size"], facts["channels"])
+        key = {"modality": "image", "size": facts["img_size"], "channels": facts["channels"]}
+    else:
+        facts = modality_facts or choose_audio_facts(spec, sample_rate, duration)
+        decode, shape, dtype = audio_decoder(facts["sample_rate"], facts["num_samples"])
+        key = {"modality": "audio", "sample_rate": facts["sample_rate"], "num_samples": facts["num_samples"]}
+    root = Path(cache_dir) if cache_dir else default_cache_root()
+    train = build_cache(spec.train, decode, shape, dtype, root, {**key, "split": "train"}, spec.classes,
+                        strict=strict, progress=progress, desc="caching train")
+    val = (build_cache(spec.val, decode, shape, dtype, root, {**key, "split": spec.val_name}, spec.classes,
+                       strict=strict, progress=progress, desc=f"caching {spec.val_name}") if spec.val else None)
+    for ds in (train, val):
+        if ds is not None and ds.skipped:
+            log(f"skipped {len(ds.skipped)} unreadable file(s), e.g. {ds.skipped[0][0]}: {ds.skipped[0][1]}")
+    return PreparedData(spec, train, val, shape, facts)
+
+
+def channel_stats(x: np.ndarray, max_samples: int = 10_000, seed: int = 0) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] units from (a seeded sample of) uint8 images (N, C, H, W)."""
+    n = len(x)
+    idx = np.sort(np.random.default_rng(seed).choice(n, size=min(n, max_samples), replace=False))
+    sample = np.asarray(x[idx], dtype=np.float64) / 255.0
+    mean = sample.mean(axis=(0, 2, 3))
+    std = sample.std(axis=(0, 2, 3))
+    std = np.where(std < 1e-3, 1.0, std)
+    return [round(float(m), 4) for m in mean], [round(float(s), 4) for s in std]

@@ -1,0 +1,235 @@
+"""One typed training configuration: defaults, then a YAML file, then the command line.
+
+Every field is a command-line option (``--batch-size``) and a YAML key (``batch_size``). ``None`` means
+"choose from the data" (see :func:`resnetlab.training.defaults.resolve`). The resolved config is written to
+``RUN_DIR/config.yaml`` beside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+
+def _opt(default, help: str, choices: tuple | None = None, group: str = "training"):
+    meta = {"help": help, "choices": choices, "group": group}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of a run, with their units. ``None``: chosen from the data at start."""
+
+    # data
+    data: str | None = _opt(None, "dataset: a folder (class subfolders, or train/ + val|test/), a CSV manifest "
+                                  "(path,label), or builtin:digits / builtin:spoken-digits", group="data")
+    val_fraction: float = _opt(0.1, "fraction of each class held out for validation when the data has no split",
+                               group="data")
+    img_size: int | None = _opt(None, "image side in pixels (default: the median size of the data, capped at 224)",
+                                group="data")
+    channels: int | None = _opt(None, "image channels: 1 or 3 (default: 1 when every image is grayscale)",
+                                group="data")
+    strict_data: bool = _opt(False, "stop at the first unreadable file instead of skipping and listing it",
+                             group="data")
+    cache_dir: str | None = _opt(None, "decoded-data cache (default: $RESNETLAB_CACHE or ~/.cache/resnetlab)",
+                                 group="data")
+    # model
+    arch: str | None = _opt(None, "model name from `resnetlab models` (default: chosen from the data)",
+                            group="model")
+    drop_rate: float = _opt(0.0, "dropout before the classifier", group="model")
+    zero_init_last: bool = _opt(False, "start every residual block as the identity (zero last BN scale; "
+                                       "helps deep bottleneck nets, hurts small option-A CIFAR nets)",
+                                group="model")
+    # optimisation
+    epochs: int | None = _opt(None, "epochs (default: from the dataset size)")
+    batch_size: int | None = _opt(None, "batch size (default: from the dataset size)")
+    optimizer: str = _opt("sgd", "optimizer", ("sgd", "adamw"))
+    lr: float | None = _opt(None, "peak learning rate (default: 0.1 x batch/256 for SGD, 1e-3 x batch/256 AdamW)")
+    momentum: float = _opt(0.9, "SGD momentum (Nesterov)")
+    weight_decay: float | None = _opt(None, "weight decay, not applied to norms and biases "
+                                            "(default: 5e-4 SGD, 0.05 AdamW)")
+    schedule: str = _opt("onecycle", "learning-rate schedule after warm-up", ("onecycle", "cosine", "constant"))
+    warmup_epochs: float = _opt(1.0, "linear warm-up, in epochs (fractions allowed)")
+    label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy")
+    ema: float = _opt(0.0, "decay of an exponential moving average of the weights, evaluated and saved as best "
+                           "when better (0: off; e.g. 0.999)")
+    grad_clip: float = _opt(0.0, "clip the global gradient norm to this value (0: off)")
+    # augmentation (images)
+    crop_pad: int | None = _opt(None, "random crop with this much padding, in pixels (default: img_size/8 for "
+                                      "small images, 0 when random-resized-crop is on)", group="augmentation")
+    flip: bool = _opt(True, "random horizontal flips (turn off for digits and text)", group="augmentation")
+    rrc: bool | None = _opt(None, "random-resized-crop (default: on for images of 96 px and more)",
+                            group="augmentation")
+    cutout: int = _opt(0, "cutout square side in pixels (0: off)", group="augmentation")
+    mixup: float = _opt(0.0, "mixup alpha (0: off)", group="augmentation")
+    cutmix: float = _opt(0.0, "cutmix alpha (0: off)", group="augmentation")
+    mean: list[float] | None = _opt(None, "per-channel mean for normalisation (default: measured on the data)",
+                                    group="augmentation")
+    std: list[float] | None = _opt(None, "per-channel std for normalisation (default: measured on the data)",
+                                   group="augmentation")
+    # audio
+    sample_rate: int = _opt(16000, "audio: target sample rate in Hz", group="audio")
+    duration: float | None = _opt(None, "audio: clip length in seconds (default: from the data)", group="audio")
+    features: str = _opt("logmel", "audio: front-end", ("logmel", "mfcc"), group="audio")
+    n_mels: int = _opt(40, "audio: mel bands (and MFCCs)", group="audio")
+    win_ms: float = _opt(25.0, "audio: analysis window in ms", group="audio")
+    hop_ms: float = _opt(10.0, "audio: hop in ms", group="audio")
+    time_shift_ms: float = _opt(100.0, "audio: random time shift, +- ms", group="audio")
+    noise_prob: float = _opt(0.5, "audio: probability of mixing background noise into a clip", group="audio")
+    noise_dir: str | None = _opt(None, "audio: folder of noise clips (default: generated noise)", group="audio")
+    snr_db: list[float] = _opt([5.0, 20.0], "audio: SNR range of mixed noise, dB", group="audio")
+    spec_augment: bool = _opt(True, "audio: SpecAugment time and frequency masks", group="audio")
+    speed_perturb: bool = _opt(False, "audio: random speed perturbation 0.9-1.1x", group="audio")
+    # engine
+    device: str = _opt("auto", "device", ("auto", "cpu", "cuda"), group="engine")
+    precision: str = _opt("auto", "autocast precision (auto: bf16 where the hardware supports it, fp32 otherwise)",
+                          ("auto", "fp32", "bf16", "fp16"), group="engine")
+    channels_last: bool | None = _opt(None, "channels-last memory format for 2-D nets (default: on)", group="engine")
+    compile: bool = _opt(False, "torch.compile the model", group="engine")
+    seed: int = _opt(0, "random seed (data split, init, augmentation, order)", group="engine")
+    deterministic: bool = _opt(False, "deterministic algorithms (slower; bitwise-reproducible on CPU)",
+                               group="engine")
+    out: str | None = _opt(None, "run directory (default: runs/<date>-<arch>)", group="engine")
+    resume: bool = _opt(False, "continue the run in --out from its last checkpoint", group="engine")
+    quiet: bool = _opt(False, "no progress bars: one line per epoch, for logs", group="engine")
+    grad_norm_every: int = _opt(20, "record per-stage gradient norms every N steps (0: off)", group="engine")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _base_type(tp):
+    """``int | None`` -> ``int``; ``list[float] | None`` -> ``list[float]``."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def _field_types(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def coerce(cls, key: str, value):
+    """Check and convert one value for field ``key``; a ValueError says what was received and what is allowed."""
+    hints = _field_types(cls)
+    if key not in hints:
+        allowed = ", ".join(f.name for f in fields(cls))
+        raise ValueError(f"unknown config key {key!r}; allowed: {allowed}")
+    f = next(f for f in fields(cls) if f.name == key)
+    tp = hints[key]
+    if value is None:
+        if type(None) in typing.get_args(tp):
+            return None
+        raise ValueError(f"config key {key!r} cannot be empty")
+    base = _base_type(tp)
+    try:
+        if base is bool:
+            if isinstance(value, str):
+                low = value.lower()
+                if low not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                    raise ValueError
+                value = low in ("true", "1", "yes", "on")
+            elif not isinstance(value, bool):
+                raise ValueError
+        elif typing.get_origin(base) is list:
+            (inner,) = typing.get_args(base)
+            if isinstance(value, str):
+                value = [v for v in value.replace(",", " ").split() if v]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            value = [inner(v) for v in value]
+        elif base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            value = int(value)
+        elif base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            value = float(value)
+            if value != value:  # NaN
+                raise ValueError
+        elif base is str:
+            if not isinstance(value, (str, int, float)):
+                raise ValueError
+            value = str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"bad value for {key!r}: {value!r} (expected {getattr(base, '__name__', base)})") from None
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ValueError(f"bad value for {key!r}: {value!r}; allowed: {', '.join(choices)}")
+    return value
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping of config keys; a one-line ValueError names the file and the problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValueError(f"cannot read config {path}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ValueError(f"bad YAML in {path}{where}: {getattr(e, 'problem', None) or e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must be a mapping of keys to values, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def make_config(cls=TrainConfig, *layers: dict):
+    """Defaults, then each mapping in ``layers`` in order (YAML file, then command line), each value checked."""
+    values = {}
+    for layer in layers:
+        for k, v in layer.items():
+            values[k] = coerce(cls, k, v)
+    return cls(**values)
+
+
+def save_config(cfg, path: Path, extra: dict | None = None) -> None:
+    data = dataclasses.asdict(cfg)
+    if extra:
+        data.update(extra)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, skip: tuple[str, ...] = ()) -> None:
+    """One option per config field, grouped; unset options stay out of the namespace (argparse.SUPPRESS)."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    hints = _field_types(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        group = f.metadata.get("group", "training")
+        if group not in groups:
+            groups[group] = parser.add_argument_group(group)
+        opt = "--" + f.name.replace("_", "-")
+        base = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata.get("help", "")
+        if default is not None and default != "":
+            help_text += f" [default: {default}]"
+        kwargs = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
+        if base is bool:
+            groups[group].add_argument(opt, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if typing.get_origin(base) is list:
+            kwargs.update(nargs="+", metavar="X")
+        else:
+            kwargs["metavar"] = f.name.upper() if base is not str else "TEXT"
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+            kwargs.pop("metavar")
+        groups[group].add_argument(opt, **kwargs)

@@ -1,0 +1,361 @@
+"""The one training loop of resnetlab, for every modality.
+
+A ``Trainer`` gets a model, a pipeline (images or audio: how cached batches become model input), the
+cached train/val arrays and a config, and writes the run directory:
+
+    RUN_DIR/config.yaml          the resolved config and the code version
+    RUN_DIR/metrics.jsonl        one line per epoch: losses, accuracies, lr, seconds, samples/s
+    RUN_DIR/grad_norms.jsonl     per-stage gradient norms over training
+    RUN_DIR/checkpoints/last.safetensors, best.safetensors   (atomic; see checkpoint.py)
+
+Speed tricks (bf16 autocast, channels-last, compile, data on the device) sit behind ``precision.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from resnetlab.data.loader import DeviceLoader
+from resnetlab.data.pipeline import Pipeline
+from resnetlab.training import checkpoint as ckpt
+from resnetlab.training.config import TrainConfig
+from resnetlab.training.evaluate import Predictions, predict_loader
+from resnetlab.training.optim import build_optimizer, lr_at, param_groups, set_lr, stage_of
+from resnetlab.training.precision import Precision
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class Phase:
+    """A span of epochs with its own trainable parameters and learning rates (fine-tuning strategies).
+
+    ``freeze``: name patterns of parameters kept frozen; ``lr_mult``: name pattern -> lr multiplier;
+    ``frozen_bn``: keep every BatchNorm in eval mode (running statistics frozen) during this phase.
+    """
+
+    name: str
+    epochs: int
+    freeze: list[str] = field(default_factory=list)
+    lr_mult: dict[str, float] = field(default_factory=dict)
+    lr: float | None = None
+    frozen_bn: bool = False
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    best_acc: float
+    best_epoch: int
+    epochs: int
+    seconds: float
+    interrupted: bool = False
+    history: list[dict] = field(default_factory=list)
+
+
+def _soft_accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    t = target.argmax(1) if target.dim() == 2 else target
+    return (logits.argmax(1) == t).float().sum()
+
+
+class Trainer:
+    """Fit ``model`` on ``train_loader`` with ``pipeline``; validate on ``val_loader`` every epoch.
+
+    ``meta`` is what a checkpoint must carry to rebuild the model for prediction (arch, num_classes,
+    in_chans, model_overrides, classes); the trainer adds the pipeline config and the counters.
+    ``phases`` (fine-tuning) split the epochs into spans with their own frozen parts and learning rates;
+    by default one phase trains everything.
+    """
+
+    def __init__(self, model: nn.Module, pipeline: Pipeline, train_loader: DeviceLoader,
+                 val_loader: DeviceLoader | None, cfg: TrainConfig, run_dir: str | Path, meta: dict,
+                 prec: Precision, *, phases: list[Phase] | None = None, log=print, is_main: bool = True):
+        self.model = model.to(prec.device)
+        if prec.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.pipeline = pipeline.to(prec.device)
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.meta = dict(meta)
+        self.prec = prec
+        self.log = log
+        self.is_main = is_main
+        self.phases = phases or [Phase("train", cfg.epochs)]
+        self.total_epochs = sum(p.epochs for p in self.phases)
+        self.steps_per_epoch = len(train_loader)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.aug_gen = torch.Generator(device=prec.device).manual_seed(cfg.seed + 1)
+        self.scaler = prec.scaler()
+        self.ema = None
+        if cfg.ema > 0:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
+        self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
+        self.best_acc, self.best_epoch = -1.0, -1
+        self.history: list[dict] = []
+        self._phase_index = -1
+        self.opt: torch.optim.Optimizer | None = None
+        self._stop_requested = False
+
+    # --- phases, optimizer ---------------------------------------------------------------------------
+    def _phase_for_epoch(self, epoch: int) -> tuple[int, Phase, int]:
+        start = 0
+        for i, p in enumerate(self.phases):
+            if epoch < start + p.epochs:
+                return i, p, start
+            start += p.epochs
+        return len(self.phases) - 1, self.phases[-1], start - self.phases[-1].epochs
+
+    def _enter_phase(self, index: int) -> None:
+        import fnmatch
+
+        phase = self.phases[index]
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(not any(fnmatch.fnmatch(name, pat) for pat in phase.freeze))
+        lr = phase.lr if phase.lr is not None else self.cfg.lr
+        groups = param_groups(self.model, self.cfg.weight_decay, lr, lr_mult=phase.lr_mult)
+        if not groups:
+            raise ValueError(f"phase {phase.name!r} freezes every parameter: nothing to train")
+        self.opt = build_optimizer(groups, self.cfg.optimizer, lr, self.cfg.momentum)
+        self.base_lr = lr
+        self._phase_index = index
+        if len(self.phases) > 1:
+            n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            self.log(f"phase {phase.name}: {phase.epochs} epochs, {n_train:,} trainable parameters, lr {lr:g}")
+
+    def _set_train_mode(self, phase: Phase) -> None:
+        self.model.train()
+        if phase.frozen_bn:
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+    def _meta(self) -> dict:
+        return {**self.meta, "pipeline": self.pipeline.config(), "epoch": self.epoch, "step": self.step,
+                "batch_in_epoch": self.batch_in_epoch, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
+                "phase": self._phase_index, "precision": self.prec.name}
+
+    def _model_tensors(self, model: nn.Module, prefix: str = "model.") -> dict[str, torch.Tensor]:
+        return {prefix + k: v for k, v in ckpt.unwrap(model).state_dict().items()}
+
+    def save_last(self) -> None:
+        if not self.is_main:
+            return
+        tensors = self._model_tensors(self.model)
+        meta = self._meta()
+        if self.ema is not None:
+            tensors.update({"ema." + k: v for k, v in self.ema.module.state_dict().items()})
+            tensors["ema_n_averaged"] = self.ema.n_averaged.detach().cpu().reshape(1)
+        if self.opt is not None:
+            opt_tensors, opt_info = ckpt.flatten_optimizer(self.opt)
+            tensors.update(opt_tensors)
+            meta["optimizer"] = opt_info
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.aug"] = self.aug_gen.get_state()
+        if self.prec.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.prec.device)
+        meta["history"] = self.history
+        ckpt.save_checkpoint(self.run_dir / "checkpoints" / "last.safetensors", tensors, meta)
+
+    def save_best(self, model: nn.Module) -> None:
+        if self.is_main:
+            ckpt.save_checkpoint(self.run_dir / "checkpoints" / "best.safetensors", self._model_tensors(model),
+                                 self._meta(), keep_previous=False)
+
+    def resume(self) -> bool:
+        """Restore model, optimizer, EMA, RNG states and counters from ``checkpoints/last``."""
+        path = self.run_dir / "checkpoints" / "last.safetensors"
+        if not path.exists() and not ckpt.previous_path(path).exists():
+            return False
+        tensors, meta, used = ckpt.read_latest(path, log=self.log)
+        ckpt.unwrap(self.model).load_state_dict(ckpt.strip_prefix(tensors, "model."))
+        if self.ema is not None and any(k.startswith("ema.") for k in tensors):
+            self.ema.module.load_state_dict(ckpt.strip_prefix(tensors, "ema."))
+            self.ema.n_averaged.copy_(tensors["ema_n_averaged"].reshape(()).to(self.ema.n_averaged.device))
+        self.epoch, self.step = int(meta["epoch"]), int(meta["step"])
+        self.batch_in_epoch = int(meta.get("batch_in_epoch", 0))
+        self.best_acc, self.best_epoch = float(meta["best_acc"]), int(meta["best_epoch"])
+        self.history = list(meta.get("history", []))
+        phase_index = int(meta.get("phase", -1))
+        if phase_index >= 0:
+            self._enter_phase(phase_index)
+            if "optimizer" in meta:
+                self.opt.load_state_dict(ckpt.unflatten_optimizer(tensors, meta["optimizer"]))
+        torch.set_rng_state(tensors["rng.torch"])
+        self.aug_gen.set_state(tensors["rng.aug"])
+        if "rng.cuda" in tensors and self.prec.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.prec.device)
+        norms = self.run_dir / "grad_norms.jsonl"
+        if norms.exists():  # drop records of steps that the resumed run will redo
+            kept = [ln for ln in norms.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < self.step]
+            _write_atomic(norms, "".join(ln + "\n" for ln in kept))
+        self.log(f"resumed from {used} at epoch {self.epoch + 1}, batch {self.batch_in_epoch}")
+        return True
+
+    # --- one step, one epoch ---------------------------------------------------------------------------
+    def _grad_norms(self) -> dict[str, float]:
+        sq: dict[str, float] = {}
+        stages = getattr(ckpt.unwrap(self.model), "stage_names", [])
+        for name, p in ckpt.unwrap(self.model).named_parameters():
+            if p.grad is not None:
+                s = stage_of(name, stages)
+                sq[s] = sq.get(s, 0.0) + float(p.grad.detach().float().pow(2).sum())
+        order = ["stem", *stages, "final", "head"]
+        return {s: math.sqrt(sq[s]) for s in order if s in sq}
+
+    def train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[float, float, int]:
+        x, y = self.pipeline(xb, yb, train=True, generator=self.aug_gen)
+        x = self.prec.format_input(x)
+        with self.prec.autocast():
+            logits = self.forward_model(x)
+        loss = self.criterion(logits.float(), y)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"loss is {loss.item()} at epoch {self.epoch + 1}, step {self.step}: "
+                                   "lower --lr or turn on --grad-clip; the last good checkpoint is kept")
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)
+        else:
+            loss.backward()
+        if self.cfg.grad_norm_every and self.step % self.cfg.grad_norm_every == 0 and self.is_main:
+            norms = self._grad_norms()
+            with open(self.run_dir / "grad_norms.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, "epoch": self.epoch + self.batch_in_epoch /
+                                    max(self.steps_per_epoch, 1), "norms": norms}) + "\n")
+        if self.cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        with torch.no_grad():
+            correct = _soft_accuracy(logits.float(), y)
+        return float(loss.detach()) * len(xb), float(correct), len(xb)
+
+    def validate(self, model: nn.Module) -> Predictions | None:
+        if self.val_loader is None:
+            return None
+        return predict_loader(model, self.pipeline, self.val_loader, self.prec)
+
+    def fit(self) -> FitResult:
+        """Train all phases; returns the best validation accuracy. Ctrl-C saves ``last`` first."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+        if self.cfg.resume:
+            self.resume()
+        t_start = time.perf_counter()
+        interrupted = False
+        old_handler = None
+        if self.is_main:
+            old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        # Bars on a terminal; in logs and pipes (or --quiet) one line per epoch instead.
+        bars = not self.cfg.quiet and self.is_main and sys.stderr.isatty()
+        epoch_bar = tqdm(total=self.total_epochs, initial=self.epoch, desc="epochs", unit="ep",
+                         disable=not bars, dynamic_ncols=True, leave=True)
+        try:
+            while self.epoch < self.total_epochs:
+                index, phase, phase_start = self._phase_for_epoch(self.epoch)
+                if index != self._phase_index:
+                    self._enter_phase(index)
+                self._set_train_mode(phase)
+                warmup = int(self.cfg.warmup_epochs * self.steps_per_epoch) if index == 0 else 0
+                phase_steps = phase.epochs * self.steps_per_epoch
+                t0 = time.perf_counter()
+                loss_sum = correct = seen = 0.0
+                bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch, leave=False, unit="batch",
+                           desc=f"epoch {self.epoch + 1}/{self.total_epochs}", dynamic_ncols=True,
+                           disable=not bars)
+                for xb, yb in self.train_loader.epoch(self.epoch, self.batch_in_epoch):
+                    phase_step = (self.epoch - phase_start) * self.steps_per_epoch + self.batch_in_epoch
+                    lr = set_lr(self.opt, self.base_lr, lr_at(phase_step, phase_steps, warmup, self.cfg.schedule))
+                    l_sum, c, n = self.train_step(xb, yb)
+                    loss_sum, correct, seen = loss_sum + l_sum, correct + c, seen + n
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    elapsed = time.perf_counter() - t0
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+                                    lr=f"{lr:.3g}", ips=f"{seen / max(elapsed, 1e-9):.0f}/s")
+                    if self._stop_requested:
+                        raise KeyboardInterrupt
+                bar.close()
+                train_seconds = time.perf_counter() - t0
+                record = self._end_epoch(loss_sum, correct, seen, train_seconds, lr)
+                epoch_bar.update(1)
+                epoch_bar.set_postfix(val_acc=f"{record.get('val_acc', float('nan')):.4f}",
+                                      best=f"{self.best_acc:.4f}")
+                if not bars and self.is_main:
+                    self.log(_epoch_line(record, self.total_epochs))
+        except KeyboardInterrupt:
+            interrupted = True
+            self.log(f"\ninterrupted at epoch {self.epoch + 1}, batch {self.batch_in_epoch}: saving checkpoints/last")
+            self.save_last()
+        finally:
+            epoch_bar.close()
+            if old_handler is not None:
+                signal.signal(signal.SIGTERM, old_handler)
+        return FitResult(self.run_dir, self.best_acc, self.best_epoch, self.epoch,
+                         time.perf_counter() - t_start, interrupted, self.history)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop_requested = True
+
+    def _end_epoch(self, loss_sum: float, correct: float, seen: float, seconds: float, lr: float) -> dict:
+        record = {"epoch": self.epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+                  "lr": lr, "seconds": round(seconds, 3), "samples_per_s": round(seen / max(seconds, 1e-9), 1)}
+        candidates = []
+        pred = self.validate(self.model)
+        if pred is not None:
+            record.update(val_loss=pred.loss, val_acc=pred.accuracy)
+            candidates.append((pred.accuracy, self.model))
+        if self.ema is not None:
+            ema_pred = self.validate(self.ema.module)
+            if ema_pred is not None:
+                record.update(ema_val_loss=ema_pred.loss, ema_val_acc=ema_pred.accuracy)
+                candidates.append((ema_pred.accuracy, self.ema.module))
+        if not candidates:
+            candidates.append((record["train_acc"], self.model))
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self.history.append(record)
+        acc, model = max(candidates, key=lambda c: c[0])
+        if acc > self.best_acc:
+            self.best_acc, self.best_epoch = acc, self.epoch
+            self.save_best(model)
+        record["best_acc"] = self.best_acc
+        self.save_last()
+        if self.is_main:  # rewritten from the checkpointed history, so a resumed run never duplicates a line
+            _write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+        return record
+
+
+def _epoch_line(r: dict, total: int) -> str:
+    val = f" val_loss {r['val_loss']:.4f} val_acc {r['val_acc']:.4f}" if "val_acc" in r else ""
+    return (f"epoch {r['epoch']}/{total}: train_loss {r['train_loss']:.4f} train_acc {r['train_acc']:.4f}{val}"
+            f" lr {r['lr']:.4g} {r['seconds']:.1f}s {r['samples_per_s']:.0f}/s")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
