@@ -9,13 +9,18 @@
 from resnetlab.models import create_model, list_models, model_info
 
 __version__ = "0.1.0"
-__all__ = ["create_model", "list_models", "model_info", "train", "evaluate", "predict", "load_model", "__version__"]
+_API = ("train", "finetune", "evaluate", "predict", "load_model", "lr_find", "load_pretrained", "model_from_pretrained")
+__all__ = ["create_model", "list_models", "model_info", *_API, "__version__"]
 
 
 def __getattr__(name):
     # The training API imports the data and training stack; load it on first use so `import resnetlab`
     # stays quick for model-only users.
-    if name in ("train", "evaluate", "predict", "load_model"):
+    if name in ("load_pretrained", "model_from_pretrained"):
+        from resnetlab.models import pretrained
+
+        return getattr(pretrained, name)
+    if name in _API:
         from resnetlab import api
 
         return getattr(api, name)

@@ -87,13 +87,15 @@ def make_pipeline(cfg: TrainConfig, prepared: PreparedData, model_ndim: int, dev
     from resnetlab.data.audio_pipeline import AudioPipeline
 
     sr = prepared.facts["sample_rate"]
+    win = round(cfg.win_ms * sr / 1000)
     pipe = AudioPipeline(
         sample_rate=sr, num_samples=prepared.facts["num_samples"], features=cfg.features, n_mels=cfg.n_mels,
-        n_mfcc=cfg.n_mels, win_length=round(cfg.win_ms * sr / 1000), hop_length=round(cfg.hop_ms * sr / 1000),
+        n_mfcc=cfg.n_mels, win_length=win, hop_length=round(cfg.hop_ms * sr / 1000),
+        n_fft=max(512, 1 << (win - 1).bit_length()),
         layout="1d" if model_ndim == 1 else "2d", normalize="global", time_shift_ms=cfg.time_shift_ms,
         noise_prob=cfg.noise_prob, snr_db=tuple(cfg.snr_db), noise_dir=cfg.noise_dir, spec_augment=cfg.spec_augment,
         speed_perturb=cfg.speed_perturb, num_classes=num_classes)
-    pipe.fit_normalization(torch.from_numpy(np.asarray(prepared.train.x[: min(len(prepared.train), 2000)])))
+    pipe.fit_normalization(torch.from_numpy(np.array(prepared.train.x[: min(len(prepared.train), 2000)])))
     return pipe
 
 
@@ -138,8 +140,18 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, prepared: PreparedDat
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml", {"code_version": code_version()})
     prec = pick_precision(device, cfg.precision, cfg.channels_last, getattr(model, "ndim", 2))
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
+    try:
+        return _fit_and_report(cfg, model, prepared, pipeline, device, meta, prec, run_dir, phases, log)
+    finally:  # a process-wide switch: later runs in this process (tests, notebooks) get back what they had
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _fit_and_report(cfg: TrainConfig, model: torch.nn.Module, prepared: PreparedData, pipeline: Pipeline,
+                    device: torch.device, meta: dict, prec, run_dir: Path, phases: list[Phase] | None,
+                    log) -> TrainResult:
     train_loader, val_loader = make_loaders(cfg, prepared, device)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{cfg.arch}: {n_params:,} parameters; {len(prepared.train)} train samples, batch {cfg.batch_size}, "
@@ -167,6 +179,16 @@ def model_meta(cfg: TrainConfig, prepared: PreparedData, in_chans: int, override
             "code_version": code_version()}
 
 
+def resumed_config(cls, cfg, options: dict):
+    """The saved config of the run in ``cfg.out`` (the same schedule), with only quiet/device overridable."""
+    if not cfg.out or not (Path(cfg.out) / "config.yaml").exists():
+        raise ValueError(f"--resume needs --out pointing at an existing run directory (got {cfg.out!r})")
+    saved = load_yaml(Path(cfg.out) / "config.yaml")
+    saved.pop("code_version", None)
+    explicit = {k: v for k, v in options.items() if k in ("quiet", "device")}
+    return make_config(cls, saved, explicit, {"resume": True, "out": cfg.out})
+
+
 def train(data: str | None = None, *, config: str | Path | dict | TrainConfig | None = None, log=None,
           **options) -> TrainResult:
     """Train a ResNet from scratch on ``data``; every option of ``resnetlab train`` is a keyword here.
@@ -181,14 +203,11 @@ def train(data: str | None = None, *, config: str | Path | dict | TrainConfig | 
         get_spec(cfg.arch)  # an unknown name fails before any data is read
     log = log or _log_to(cfg.quiet)
     if cfg.resume:
-        if not cfg.out or not (Path(cfg.out) / "config.yaml").exists():
-            raise ValueError(f"--resume needs --out pointing at an existing run directory (got {cfg.out!r})")
-        saved = load_yaml(Path(cfg.out) / "config.yaml")
-        saved.pop("code_version", None)
-        explicit = {k: v for k, v in options.items() if k in ("quiet", "device", "epochs")}
-        cfg = make_config(TrainConfig, saved, explicit, {"resume": True, "out": cfg.out})
+        cfg = resumed_config(TrainConfig, cfg, options)
     cfg, device, prepared, pipeline = prepare_run(cfg, log)
-    overrides = {"drop_rate": cfg.drop_rate, "zero_init_last": cfg.zero_init_last}
+    overrides = {"drop_rate": cfg.drop_rate}
+    if cfg.zero_init_last:
+        overrides["zero_init_last"] = True
     in_chans = pipeline.input_size()[0]
     model = create_model(cfg.arch, num_classes=prepared.spec.num_classes, in_chans=in_chans, **overrides)
     meta = model_meta(cfg, prepared, in_chans, overrides)
@@ -295,3 +314,122 @@ def predict(run_or_checkpoint: str | Path, inputs, *, top_k: int = 5, batch_size
             results[i] = {"file": files[i], "top_k": [{"label": meta["classes"][j], "prob": round(float(q), 6)}
                                                      for q, j in zip(p[row].tolist(), idx[row].tolist())]}
     return results
+
+
+def _finetune_model(cfg, prepared: PreparedData, pipeline: Pipeline, cw, log):
+    """Build the pretrained architecture for this data (classes, channels, truncation, head) and load weights."""
+    from resnetlab.models.pretrained import _architecture, load_pretrained
+    from resnetlab.models.resnet import ResNet
+
+    name, kwargs = _architecture(cw, cfg.arch)
+    overrides = {**kwargs, **cw.required_kwargs, "drop_rate": cfg.drop_rate}
+    if cfg.head_hidden:
+        overrides["head_hidden"] = cfg.head_hidden
+    if cfg.keep_stages:
+        spec = get_spec(name)
+        if spec.cls is not ResNet:
+            raise ValueError(f"--keep-stages works on ResNet architectures, not {name}")
+        defaults = {"widths": [64, 128, 256, 512], "strides": None}
+        layers = list(overrides.get("layers", spec.config["layers"]))
+        if not 1 <= cfg.keep_stages <= len(layers):
+            raise ValueError(f"--keep-stages must be between 1 and {len(layers)} for {name}, got {cfg.keep_stages}")
+        k = cfg.keep_stages
+        widths = list(overrides.get("widths", spec.config.get("widths", defaults["widths"])))
+        strides = overrides.get("strides", spec.config.get("strides")) or [1] + [2] * (len(layers) - 1)
+        overrides.update(layers=layers[:k], widths=widths[:k], strides=list(strides)[:k])
+    if cw.bn_eps is not None and get_spec(name).cls is ResNet:
+        overrides["norm_eps"] = cw.bn_eps
+    in_chans = pipeline.input_size()[0]
+    model = create_model(name, num_classes=prepared.spec.num_classes, in_chans=in_chans, **overrides)
+    report = load_pretrained(model, cw)
+    log(str(report))
+    return name, model, overrides, report
+
+
+def finetune(data: str | None = None, *, pretrained: str | None = None, config=None, log=None,
+             **options) -> TrainResult:
+    """Fine-tune pretrained weights on ``data`` with a strategy; the same run directory and report as ``train``.
+
+    ``pretrained``: a file or folder in any supported format, or a known name looked up in the local caches
+    (``torchvision:resnet50``, ``timm:resnet50.a1_in1k``, ``hf:microsoft/resnet-50``, ``keras:resnet50``).
+    Other keywords are :class:`~resnetlab.training.config.FinetuneConfig` fields (``strategy``, ``epochs``,
+    ``head_epochs``, ``lr_decay``, ``freeze_bn``, ``head_hidden``, ``keep_stages``...).
+    """
+    from resnetlab.models.pretrained import _architecture, read_pretrained
+    from resnetlab.training.config import FinetuneConfig
+    from resnetlab.training.finetune import make_phases
+
+    if data is not None:
+        options["data"] = data
+    if pretrained is not None:
+        options["pretrained"] = pretrained
+    if isinstance(config, (str, Path)):
+        config = load_yaml(config)
+    cfg = make_config(FinetuneConfig, dict(config or {}), {k: v for k, v in options.items() if v is not None})
+    log = log or _log_to(cfg.quiet)
+    if cfg.resume:
+        cfg = resumed_config(FinetuneConfig, cfg, options)
+    if not cfg.pretrained:
+        raise ValueError("no pretrained weights: pass --pretrained FILE_OR_NAME (e.g. a resnetlab run's "
+                         "checkpoints/best.safetensors, a torchvision .pth, or torchvision:resnet50)")
+    cw = read_pretrained(cfg.pretrained)
+    user_lr = cfg.lr
+    cfg.arch = _architecture(cw, cfg.arch)[0]
+    cfg, device, prepared, pipeline = prepare_run(cfg, log)
+    if user_lr is None:  # fine-tuning moves pretrained weights a little: a quarter of the from-scratch rate
+        cfg.lr = cfg.lr / 4
+    name, model, overrides, report = _finetune_model(cfg, prepared, pipeline, cw, log)
+    phases = make_phases(cfg.strategy, model, cfg.epochs, head_epochs=cfg.head_epochs, lr=cfg.lr,
+                         lr_decay=cfg.lr_decay, freeze_bn=cfg.freeze_bn)
+    meta = model_meta(cfg, prepared, pipeline.input_size()[0], overrides)
+    meta["pretrained"] = {"source": cfg.pretrained, "format": cw.format, "loaded": len(report.loaded),
+                          "reshaped": report.reshaped, "new": report.new, "ignored": len(report.ignored)}
+    result = run_training(cfg, model, prepared, pipeline, device, meta, phases=phases, log=log)
+    log(f"best val accuracy {result.best_acc:.4f} at epoch {result.best_epoch}; "
+        f"{result.seconds:.1f} s; report: {result.report}")
+    return result
+
+
+def lr_find(data: str | None = None, *, pretrained: str | None = None, start_lr: float = 1e-6,
+            end_lr: float = 10.0, steps: int = 100, config=None, log=None, **options) -> dict:
+    """Learning-rate range test on ``data`` for a fresh (or ``pretrained``) model; writes ``lr_find.png`` and
+    ``lr_find.json`` to ``out`` and returns ``{"suggestion", "steepest", "lrs", "losses", "plot"}``."""
+    from resnetlab.report.plots import plot_lr_find
+    from resnetlab.training.config import FinetuneConfig
+    from resnetlab.training.lr_find import lr_range_test
+
+    if data is not None:
+        options["data"] = data
+    if pretrained is not None:
+        options["pretrained"] = pretrained
+    if isinstance(config, (str, Path)):
+        config = load_yaml(config)
+    cfg = make_config(FinetuneConfig, dict(config or {}), {k: v for k, v in options.items() if v is not None})
+    log = log or _log_to(cfg.quiet)
+    cw = None
+    if cfg.pretrained:
+        from resnetlab.models.pretrained import _architecture, read_pretrained
+
+        cw = read_pretrained(cfg.pretrained)
+        cfg.arch = _architecture(cw, cfg.arch)[0]
+    cfg, device, prepared, pipeline = prepare_run(cfg, log)
+    if cfg.out is None or cfg.out.startswith("runs/"):
+        cfg.out = cfg.out.replace("runs/", "runs/lr-find-", 1) if cfg.out else "runs/lr-find"
+    if cw is not None:
+        _, model, _, _ = _finetune_model(cfg, prepared, pipeline, cw, log)
+    else:
+        model = create_model(cfg.arch, num_classes=prepared.spec.num_classes, in_chans=pipeline.input_size()[0])
+    prec = pick_precision(device, cfg.precision, cfg.channels_last, getattr(model, "ndim", 2))
+    train_loader, _ = make_loaders(cfg, prepared, device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.grad_norm_every = 0
+    trainer = Trainer(model, pipeline, train_loader, None, cfg, out, {}, prec, log=log)
+    res = lr_range_test(trainer, start_lr=start_lr, end_lr=end_lr, steps=steps)
+    plot = plot_lr_find(res.lrs, res.losses, out / "lr_find.png", suggestion=res.suggestion)
+    result = {"suggestion": res.suggestion, "steepest": res.steepest, "lrs": res.lrs, "losses": res.losses,
+              "plot": str(plot)}
+    (out / "lr_find.json").write_text(json.dumps(result, indent=1))
+    log(f"suggested lr {res.suggestion:.3g} (a tenth of the minimum-loss lr; steepest descent at "
+        f"{res.steepest:.3g}); plot: {plot}")
+    return result

@@ -8,7 +8,7 @@ import io
 import json
 import sys
 
-from resnetlab.training.config import TrainConfig, add_config_arguments
+from resnetlab.training.config import FinetuneConfig, TrainConfig, add_config_arguments
 
 EXAMPLES = """examples:
   resnetlab models 'resnet*'                      list architectures with params and MACs
@@ -18,6 +18,9 @@ EXAMPLES = """examples:
   resnetlab train --out runs/x --resume           continue an interrupted run
   resnetlab evaluate runs/x --data DIR --tta      accuracy, per-class F1, confusion matrix
   resnetlab predict runs/x a.png b.png --top-k 3  top-3 labels per file
+  resnetlab finetune --pretrained runs/x/checkpoints/best.safetensors --data DIR --strategy lp-ft
+  resnetlab finetune --pretrained torchvision:resnet50 --data DIR   (the file from the local torch hub cache)
+  resnetlab lr-find --data DIR --arch resnet18    learning-rate range test with its plot
 """
 
 
@@ -44,6 +47,23 @@ def _parser() -> argparse.ArgumentParser:
                                    "options given here override the file. Unset options are chosen from the data.")
     t.add_argument("--config", metavar="FILE.yaml", help="YAML file of options (keys as below, with underscores)")
     add_config_arguments(t, TrainConfig)
+
+    f = sub.add_parser("finetune", help="fine-tune pretrained weights on your data with a proven strategy",
+                       description="Fine-tune a pretrained ResNet: resnetlab checkpoints, torchvision/timm .pth or "
+                                   ".safetensors, Hugging Face folders, Keras .h5 — or torchvision:NAME, timm:NAME, "
+                                   "hf:ORG/NAME, keras:NAME from the local caches (never downloaded). Writes the same "
+                                   "run directory and report as train.")
+    f.add_argument("--config", metavar="FILE.yaml", help="YAML file of options")
+    add_config_arguments(f, FinetuneConfig)
+
+    lf = sub.add_parser("lr-find", help="learning-rate range test, with its plot",
+                        description="Train a few batches with the learning rate rising exponentially and plot the "
+                                    "loss; suggests a learning rate. Takes the train/finetune options.")
+    lf.add_argument("--config", metavar="FILE.yaml", help="YAML file of options")
+    lf.add_argument("--start-lr", type=float, default=1e-6)
+    lf.add_argument("--end-lr", type=float, default=10.0)
+    lf.add_argument("--steps", type=int, default=100)
+    add_config_arguments(lf, FinetuneConfig)
 
     e = sub.add_parser("evaluate", help="accuracy, per-class F1 and confusion matrix of a trained model",
                        description="Evaluate a run (its best checkpoint) or a checkpoint file on a dataset. Uses the "
@@ -76,11 +96,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_models(args) -> int:
+    from resnetlab.models import list_models
     from resnetlab.models.table import model_table
 
+    if not list_models(args.pattern):  # before measuring anything
+        raise CLIError(f"no model matches {args.pattern!r}; known: {', '.join(list_models())}")
     rows = model_table(args.pattern)
-    if not rows:
-        raise CLIError(f"no model matches {args.pattern!r}; run `resnetlab models` for all names")
     if args.format == "json":
         print(json.dumps(rows, indent=1))
         return 0
@@ -102,9 +123,29 @@ def _human(n: float) -> str:
 def cmd_train(args) -> int:
     from resnetlab.api import train
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     result = train(config=args.config, **options)
     return 130 if result.interrupted else 0
+
+
+def cmd_finetune(args) -> int:
+    from resnetlab.api import finetune
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    result = finetune(config=args.config, **options)
+    return 130 if result.interrupted else 0
+
+
+def cmd_lr_find(args) -> int:
+    from resnetlab.api import lr_find
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    lr_find(config=args.config, **options)
+    return 0
+
+
+def _to_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def cmd_evaluate(args) -> int:
@@ -112,7 +153,7 @@ def cmd_evaluate(args) -> int:
     from resnetlab.report.metrics import format_report_table
 
     summary = evaluate(args.run, args.data, tta=args.tta, batch_size=args.batch_size, device=args.device,
-                       out=args.out)
+                       out=args.out, log=_to_stderr)  # stdout holds only the result (parseable with --format json)
     if args.format == "json":
         print(json.dumps({k: v for k, v in summary.items() if k != "confusion_matrix"}, indent=1))
         return 0
@@ -159,8 +200,8 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"models": cmd_models, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
-            "demo": cmd_demo}
+COMMANDS = {"models": cmd_models, "train": cmd_train, "finetune": cmd_finetune, "lr-find": cmd_lr_find,
+            "evaluate": cmd_evaluate, "predict": cmd_predict, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,10 +69,11 @@ def cutout(x: torch.Tensor, size: int, generator: torch.Generator | None = None)
     n, _, h, w = x.shape
     cy = (_rand(n, generator, x.device) * h).long()
     cx = (_rand(n, generator, x.device) * w).long()
+    top, left = (cy - size // 2)[:, None], (cx - size // 2)[:, None]  # exactly size x size, also for even sizes
     ys = torch.arange(h, device=x.device)[None, :]
     xs = torch.arange(w, device=x.device)[None, :]
-    in_y = ((ys - cy[:, None]).abs() <= size // 2)[:, :, None]
-    in_x = ((xs - cx[:, None]).abs() <= size // 2)[:, None, :]
+    in_y = ((ys >= top) & (ys < top + size))[:, :, None]
+    in_x = ((xs >= left) & (xs < left + size))[:, None, :]
     return x * (~(in_y & in_x))[:, None].to(x.dtype)
 
 

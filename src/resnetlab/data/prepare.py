@@ -8,7 +8,6 @@ the same decoding from a checkpoint's pipeline config, for ``evaluate`` and ``pr
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +72,7 @@ def choose_audio_facts(spec: DatasetSpec, sample_rate: int, duration: float | No
     dur = duration or default_duration(probe)
     if not (0.05 <= dur <= 60):
         raise DataError(f"--duration must be between 0.05 and 60 s, got {dur}")
-    return {"sample_rate": int(sample_rate), "duration": float(dur), "num_samples": int(math.ceil(dur * sample_rate)),
+    return {"sample_rate": int(sample_rate), "duration": float(dur), "num_samples": int(round(dur * sample_rate)),
             "native_sample_rate": probe.get("sample_rate")}
 
 

@@ -49,7 +49,7 @@ class KWSResNet(ClassifierBase):
 
     def __init__(self, n_layers: int = 13, channels: int = 45, pool: tuple[int, int] | None = None,
                  dilation: bool = True, *, num_classes: int = 12, in_chans: int = 1, residual: bool = True,
-                 drop_rate: float = 0.0):
+                 drop_rate: float = 0.0, head_hidden: int | None = None):
         super().__init__()
         if n_layers < 2:
             raise ValueError(f"n_layers must be >= 2, got {n_layers}")
@@ -72,7 +72,7 @@ class KWSResNet(ClassifierBase):
             self.tail = nn.Identity()
         self.stage_names = ["layer1"]
         self.num_features = channels
-        self._init_head(num_classes, drop_rate)
+        self._init_head(num_classes, drop_rate, head_hidden)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.relu(self.conv1(x)))

@@ -27,12 +27,11 @@ class ClassifierBase(nn.Module):
     ndim: int
     drop_rate: float = 0.0
 
-    def _init_head(self, num_classes: int, drop_rate: float) -> None:
+    def _init_head(self, num_classes: int, drop_rate: float, head_hidden: int | None = None) -> None:
         self.avgpool = global_avg_pool(self.ndim)
         self.drop_rate = drop_rate
         self.dropout = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.reset_classifier(num_classes, hidden=head_hidden)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -57,10 +56,13 @@ class ClassifierBase(nn.Module):
         """
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        if hidden is not None and hidden < 1:
+            raise ValueError(f"head_hidden must be >= 1, got {hidden}")
         if drop_rate is not None:
             self.drop_rate = drop_rate
             self.dropout = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.num_classes = num_classes
+        self.head_hidden = hidden
         if num_classes == 0:
             self.fc = nn.Identity()
         elif hidden:
@@ -103,6 +105,9 @@ class ResNet(ClassifierBase):
         zero_init_last: zero the last BN scale of each block so every block starts as the identity
             (Goyal et al. 2017).
         drop_rate: dropout before the classifier.
+        head_hidden: a small MLP head (Linear-BN-ReLU-Dropout-Linear) with this many hidden units instead of
+            one linear classifier.
+        norm_eps: BatchNorm epsilon (Keras-trained weights use 1.001e-5).
     """
 
     def __init__(self, block: str = "basic", layers: Sequence[int] = (2, 2, 2, 2),
@@ -111,7 +116,7 @@ class ResNet(ClassifierBase):
                  stem_width: int = 64, stem_kernel: int = 7, stem_stride: int = 2, stem_pool: bool = True,
                  shortcut: str = "B", groups: int = 1, width_per_group: int = 64, stride_in_1x1: bool = False,
                  bias: bool = False, kernel_size: int = 3, residual: bool = True, zero_init_last: bool = False,
-                 drop_rate: float = 0.0):
+                 drop_rate: float = 0.0, head_hidden: int | None = None, norm_eps: float = 1e-5):
         super().__init__()
         if block not in BLOCKS:
             raise ValueError(f"unknown block {block!r}; allowed: {', '.join(BLOCKS)}")
@@ -171,16 +176,18 @@ class ResNet(ClassifierBase):
         self.num_features = inplanes
         # Pre-activation nets end with the BN-ReLU that the last block left out.
         self.norm = nn.Sequential(norm(ndim, inplanes), nn.ReLU(inplace=True)) if preact else nn.Identity()
-        self._init_head(num_classes, drop_rate)
+        self._init_head(num_classes, drop_rate, head_hidden)
 
         for m in self.modules():
             if isinstance(m, (nn.Conv1d, nn.Conv2d)):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.affine:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                m.eps = norm_eps
+                if m.affine:
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
         if zero_init_last and residual:
             for m in self.modules():
                 if hasattr(m, "zero_init_last"):

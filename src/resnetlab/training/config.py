@@ -17,8 +17,35 @@ from pathlib import Path
 import yaml
 
 
-def _opt(default, help: str, choices: tuple | None = None, group: str = "training"):
-    meta = {"help": help, "choices": choices, "group": group}
+@dataclass(frozen=True)
+class Range:
+    """Allowed numeric values of a field: ``lo``/``hi`` bounds (``None``: unbounded), closed unless ``*_open``."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return not (self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi))
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+POSITIVE = Range(0, lo_open=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_ONE = Range(1)
+FRACTION = Range(0, 1, hi_open=True)  # [0, 1)
+PROBABILITY = Range(0, 1)  # [0, 1]
+
+
+def _opt(default, help: str, choices: tuple | None = None, group: str = "training", check: Range | None = None):
+    meta = {"help": help, "choices": choices, "group": group, "check": check}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -32,10 +59,10 @@ class TrainConfig:
     data: str | None = _opt(None, "dataset: a folder (class subfolders, or train/ + val|test/), a CSV manifest "
                                   "(path,label), or builtin:digits / builtin:spoken-digits", group="data")
     val_fraction: float = _opt(0.1, "fraction of each class held out for validation when the data has no split",
-                               group="data")
+                               group="data", check=FRACTION)
     img_size: int | None = _opt(None, "image side in pixels (default: the median size of the data, capped at 224)",
-                                group="data")
-    channels: int | None = _opt(None, "image channels: 1 or 3 (default: 1 when every image is grayscale)",
+                                group="data", check=Range(8))
+    channels: int | None = _opt(None, "image channels: 1 or 3 (default: 1 when every image is grayscale)", (1, 3),
                                 group="data")
     strict_data: bool = _opt(False, "stop at the first unreadable file instead of skipping and listing it",
                              group="data")
@@ -44,48 +71,52 @@ class TrainConfig:
     # model
     arch: str | None = _opt(None, "model name from `resnetlab models` (default: chosen from the data)",
                             group="model")
-    drop_rate: float = _opt(0.0, "dropout before the classifier", group="model")
+    drop_rate: float = _opt(0.0, "dropout before the classifier", group="model", check=FRACTION)
     zero_init_last: bool = _opt(False, "start every residual block as the identity (zero last BN scale; "
                                        "helps deep bottleneck nets, hurts small option-A CIFAR nets)",
                                 group="model")
     # optimisation
-    epochs: int | None = _opt(None, "epochs (default: from the dataset size)")
-    batch_size: int | None = _opt(None, "batch size (default: from the dataset size)")
+    epochs: int | None = _opt(None, "epochs (default: from the dataset size)", check=AT_LEAST_ONE)
+    batch_size: int | None = _opt(None, "batch size (default: from the dataset size)", check=AT_LEAST_ONE)
     optimizer: str = _opt("sgd", "optimizer", ("sgd", "adamw"))
-    lr: float | None = _opt(None, "peak learning rate (default: 0.1 x batch/256 for SGD, 1e-3 x batch/256 AdamW)")
-    momentum: float = _opt(0.9, "SGD momentum (Nesterov)")
+    lr: float | None = _opt(None, "peak learning rate (default: 0.1 x batch/256 for SGD, 1e-3 x batch/256 AdamW)",
+                            check=POSITIVE)
+    momentum: float = _opt(0.9, "SGD momentum (Nesterov)", check=FRACTION)
     weight_decay: float | None = _opt(None, "weight decay, not applied to norms and biases "
-                                            "(default: 5e-4 SGD, 0.05 AdamW)")
+                                            "(default: 5e-4 SGD, 0.05 AdamW)", check=NON_NEGATIVE)
     schedule: str = _opt("onecycle", "learning-rate schedule after warm-up", ("onecycle", "cosine", "constant"))
-    warmup_epochs: float = _opt(1.0, "linear warm-up, in epochs (fractions allowed)")
-    label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy")
+    warmup_epochs: float = _opt(1.0, "linear warm-up, in epochs (fractions allowed)", check=NON_NEGATIVE)
+    label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy", check=FRACTION)
     ema: float = _opt(0.0, "decay of an exponential moving average of the weights, evaluated and saved as best "
-                           "when better (0: off; e.g. 0.999)")
-    grad_clip: float = _opt(0.0, "clip the global gradient norm to this value (0: off)")
+                           "when better (0: off; e.g. 0.999)", check=FRACTION)
+    grad_clip: float = _opt(0.0, "clip the global gradient norm to this value (0: off)", check=NON_NEGATIVE)
     # augmentation (images)
     crop_pad: int | None = _opt(None, "random crop with this much padding, in pixels (default: img_size/8 for "
-                                      "small images, 0 when random-resized-crop is on)", group="augmentation")
+                                      "small images, 0 when random-resized-crop is on)", group="augmentation",
+                                      check=NON_NEGATIVE)
     flip: bool = _opt(True, "random horizontal flips (turn off for digits and text)", group="augmentation")
     rrc: bool | None = _opt(None, "random-resized-crop (default: on for images of 96 px and more)",
                             group="augmentation")
-    cutout: int = _opt(0, "cutout square side in pixels (0: off)", group="augmentation")
-    mixup: float = _opt(0.0, "mixup alpha (0: off)", group="augmentation")
-    cutmix: float = _opt(0.0, "cutmix alpha (0: off)", group="augmentation")
+    cutout: int = _opt(0, "cutout square side in pixels (0: off)", group="augmentation", check=NON_NEGATIVE)
+    mixup: float = _opt(0.0, "mixup alpha (0: off)", group="augmentation", check=NON_NEGATIVE)
+    cutmix: float = _opt(0.0, "cutmix alpha (0: off)", group="augmentation", check=NON_NEGATIVE)
     mean: list[float] | None = _opt(None, "per-channel mean for normalisation (default: measured on the data)",
                                     group="augmentation")
     std: list[float] | None = _opt(None, "per-channel std for normalisation (default: measured on the data)",
                                    group="augmentation")
     # audio
-    sample_rate: int = _opt(16000, "audio: target sample rate in Hz", group="audio")
-    duration: float | None = _opt(None, "audio: clip length in seconds (default: from the data)", group="audio")
+    sample_rate: int = _opt(16000, "audio: target sample rate in Hz", group="audio", check=AT_LEAST_ONE)
+    duration: float | None = _opt(None, "audio: clip length in seconds (default: from the data)", group="audio",
+                                  check=POSITIVE)
     features: str = _opt("logmel", "audio: front-end", ("logmel", "mfcc"), group="audio")
-    n_mels: int = _opt(40, "audio: mel bands (and MFCCs)", group="audio")
-    win_ms: float = _opt(25.0, "audio: analysis window in ms", group="audio")
-    hop_ms: float = _opt(10.0, "audio: hop in ms", group="audio")
-    time_shift_ms: float = _opt(100.0, "audio: random time shift, +- ms", group="audio")
-    noise_prob: float = _opt(0.5, "audio: probability of mixing background noise into a clip", group="audio")
+    n_mels: int = _opt(40, "audio: mel bands (and MFCCs)", group="audio", check=AT_LEAST_ONE)
+    win_ms: float = _opt(25.0, "audio: analysis window in ms", group="audio", check=POSITIVE)
+    hop_ms: float = _opt(10.0, "audio: hop in ms", group="audio", check=POSITIVE)
+    time_shift_ms: float = _opt(100.0, "audio: random time shift, +- ms", group="audio", check=NON_NEGATIVE)
+    noise_prob: float = _opt(0.5, "audio: probability of mixing background noise into a clip", group="audio",
+                             check=PROBABILITY)
     noise_dir: str | None = _opt(None, "audio: folder of noise clips (default: generated noise)", group="audio")
-    snr_db: list[float] = _opt([5.0, 20.0], "audio: SNR range of mixed noise, dB", group="audio")
+    snr_db: list[float] = _opt([10.0, 30.0], "audio: SNR range of mixed noise, dB", group="audio")
     spec_augment: bool = _opt(True, "audio: SpecAugment time and frequency masks", group="audio")
     speed_perturb: bool = _opt(False, "audio: random speed perturbation 0.9-1.1x", group="audio")
     # engine
@@ -100,10 +131,37 @@ class TrainConfig:
     out: str | None = _opt(None, "run directory (default: runs/<date>-<arch>)", group="engine")
     resume: bool = _opt(False, "continue the run in --out from its last checkpoint", group="engine")
     quiet: bool = _opt(False, "no progress bars: one line per epoch, for logs", group="engine")
-    grad_norm_every: int = _opt(20, "record per-stage gradient norms every N steps (0: off)", group="engine")
+    grad_norm_every: int = _opt(20, "record per-stage gradient norms every N steps (0: off)", group="engine",
+                                check=NON_NEGATIVE)
+
+    def __post_init__(self):
+        for f in fields(self):
+            _check_allowed(f, getattr(self, f.name))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """A training config plus where the pretrained weights come from and how to adapt them."""
+
+    pretrained: str | None = _opt(None, "weights: a file or folder (resnetlab, torchvision, timm, Hugging Face, "
+                                        "Keras), or torchvision:NAME / timm:NAME / hf:ORG/NAME / keras:NAME looked "
+                                        "up in the local caches", group="fine-tuning")
+    strategy: str = _opt("lp-ft", "linear-probe: head only; full: all, discriminative lr; staged: head then all; "
+                                  "gradual: unfreeze a stage per phase; lp-ft: linear probe then full at lr/10",
+                         ("linear-probe", "full", "staged", "gradual", "lp-ft"), group="fine-tuning")
+    head_epochs: int | None = _opt(None, "epochs of the head-only phase (staged, gradual, lp-ft; default: a third)",
+                                   group="fine-tuning")
+    lr_decay: float = _opt(0.3, "discriminative learning rates: each stage gets this times the next one's",
+                           group="fine-tuning")
+    freeze_bn: bool = _opt(False, "keep the backbone's BatchNorm statistics frozen (eval mode) in every phase; "
+                                  "for small batches", group="fine-tuning")
+    head_hidden: int | None = _opt(None, "a small MLP head with this many hidden units instead of a linear one",
+                                   group="fine-tuning")
+    keep_stages: int | None = _opt(None, "truncate the network to its first N stages (their weights are kept)",
+                                   group="fine-tuning")
 
 
 def _base_type(tp):
@@ -163,10 +221,20 @@ def coerce(cls, key: str, value):
             value = str(value)
     except (TypeError, ValueError):
         raise ValueError(f"bad value for {key!r}: {value!r} (expected {getattr(base, '__name__', base)})") from None
+    _check_allowed(f, value)
+    return value
+
+
+def _check_allowed(f: dataclasses.Field, value) -> None:
+    """A ValueError naming the field, the value and what is allowed, when ``value`` is outside its choices/range."""
+    if value is None:
+        return
     choices = f.metadata.get("choices")
     if choices and value not in choices:
-        raise ValueError(f"bad value for {key!r}: {value!r}; allowed: {', '.join(choices)}")
-    return value
+        raise ValueError(f"bad value for {f.name!r}: {value!r}; allowed: {', '.join(map(str, choices))}")
+    check = f.metadata.get("check")
+    if check is not None and isinstance(value, (int, float)) and value not in check:
+        raise ValueError(f"bad value for {f.name!r}: {value!r}; allowed: {check}")
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -229,7 +297,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, skip:
             kwargs.update(nargs="+", metavar="X")
         else:
             kwargs["metavar"] = f.name.upper() if base is not str else "TEXT"
-        if f.metadata.get("choices"):
+        if f.metadata.get("choices") and base is str:  # other types are checked after conversion, in coerce
             kwargs["choices"] = f.metadata["choices"]
             kwargs.pop("metavar")
         groups[group].add_argument(opt, **kwargs)

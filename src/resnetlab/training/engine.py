@@ -43,7 +43,7 @@ class Phase:
     """A span of epochs with its own trainable parameters and learning rates (fine-tuning strategies).
 
     ``freeze``: name patterns of parameters kept frozen; ``lr_mult``: name pattern -> lr multiplier;
-    ``frozen_bn``: keep every BatchNorm in eval mode (running statistics frozen) during this phase.
+    ``frozen_bn``: keep the backbone's BatchNorm layers in eval mode (running statistics frozen) in this phase.
     """
 
     name: str
@@ -111,6 +111,9 @@ class Trainer:
         self._phase_index = -1
         self.opt: torch.optim.Optimizer | None = None
         self._stop_requested = False
+        # (loss sum, correct, samples) of the batches done so far in this epoch; checkpointed, so the epoch's
+        # train_loss / train_acc after a mid-epoch resume cover the whole epoch, not only the resumed part
+        self.epoch_sums = (0.0, 0.0, 0.0)
 
     # --- phases, optimizer ---------------------------------------------------------------------------
     def _phase_for_epoch(self, epoch: int) -> tuple[int, Phase, int]:
@@ -140,16 +143,16 @@ class Trainer:
 
     def _set_train_mode(self, phase: Phase) -> None:
         self.model.train()
-        if phase.frozen_bn:
-            for m in self.model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if phase.frozen_bn:  # the backbone's BN layers use and keep their (pretrained) running statistics
+            for name, m in self.model.named_modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and not name.startswith("fc"):
                     m.eval()
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def _meta(self) -> dict:
         return {**self.meta, "pipeline": self.pipeline.config(), "epoch": self.epoch, "step": self.step,
                 "batch_in_epoch": self.batch_in_epoch, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
-                "phase": self._phase_index, "precision": self.prec.name}
+                "phase": self._phase_index, "precision": self.prec.name, "epoch_sums": list(self.epoch_sums)}
 
     def _model_tensors(self, model: nn.Module, prefix: str = "model.") -> dict[str, torch.Tensor]:
         return {prefix + k: v for k, v in ckpt.unwrap(model).state_dict().items()}
@@ -192,6 +195,8 @@ class Trainer:
         self.batch_in_epoch = int(meta.get("batch_in_epoch", 0))
         self.best_acc, self.best_epoch = float(meta["best_acc"]), int(meta["best_epoch"])
         self.history = list(meta.get("history", []))
+        if self.batch_in_epoch and "epoch_sums" in meta:
+            self.epoch_sums = tuple(float(v) for v in meta["epoch_sums"])
         phase_index = int(meta.get("phase", -1))
         if phase_index >= 0:
             self._enter_phase(phase_index)
@@ -281,7 +286,12 @@ class Trainer:
                 warmup = int(self.cfg.warmup_epochs * self.steps_per_epoch) if index == 0 else 0
                 phase_steps = phase.epochs * self.steps_per_epoch
                 t0 = time.perf_counter()
-                loss_sum = correct = seen = 0.0
+                loss_sum, correct, seen = self.epoch_sums if self.batch_in_epoch else (0.0, 0.0, 0.0)
+                seen_before = seen  # samples of this epoch trained before a resume: not in this session's time
+                # the lr of the epoch's latest step: what the record shows when a run interrupted after the last
+                # batch (during validation) resumes with no batch left to train
+                last_step = (self.epoch - phase_start) * self.steps_per_epoch + max(self.batch_in_epoch - 1, 0)
+                lr = self.base_lr * lr_at(last_step, phase_steps, warmup, self.cfg.schedule)
                 bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch, leave=False, unit="batch",
                            desc=f"epoch {self.epoch + 1}/{self.total_epochs}", dynamic_ncols=True,
                            disable=not bars)
@@ -290,17 +300,18 @@ class Trainer:
                     lr = set_lr(self.opt, self.base_lr, lr_at(phase_step, phase_steps, warmup, self.cfg.schedule))
                     l_sum, c, n = self.train_step(xb, yb)
                     loss_sum, correct, seen = loss_sum + l_sum, correct + c, seen + n
+                    self.epoch_sums = (loss_sum, correct, seen)
                     self.step += 1
                     self.batch_in_epoch += 1
                     elapsed = time.perf_counter() - t0
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                                    lr=f"{lr:.3g}", ips=f"{seen / max(elapsed, 1e-9):.0f}/s")
+                                    lr=f"{lr:.3g}", ips=f"{(seen - seen_before) / max(elapsed, 1e-9):.0f}/s")
                     if self._stop_requested:
                         raise KeyboardInterrupt
                 bar.close()
                 train_seconds = time.perf_counter() - t0
-                record = self._end_epoch(loss_sum, correct, seen, train_seconds, lr)
+                record = self._end_epoch(loss_sum, correct, seen, train_seconds, lr, seen - seen_before)
                 epoch_bar.update(1)
                 epoch_bar.set_postfix(val_acc=f"{record.get('val_acc', float('nan')):.4f}",
                                       best=f"{self.best_acc:.4f}")
@@ -320,9 +331,11 @@ class Trainer:
     def _on_sigterm(self, signum, frame) -> None:
         self._stop_requested = True
 
-    def _end_epoch(self, loss_sum: float, correct: float, seen: float, seconds: float, lr: float) -> dict:
+    def _end_epoch(self, loss_sum: float, correct: float, seen: float, seconds: float, lr: float,
+                   timed: float) -> dict:
+        """``seen`` samples in the epoch, of which ``timed`` in ``seconds`` (fewer after a mid-epoch resume)."""
         record = {"epoch": self.epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-                  "lr": lr, "seconds": round(seconds, 3), "samples_per_s": round(seen / max(seconds, 1e-9), 1)}
+                  "lr": lr, "seconds": round(seconds, 3), "samples_per_s": round(timed / max(seconds, 1e-9), 1)}
         candidates = []
         pred = self.validate(self.model)
         if pred is not None:
@@ -337,6 +350,7 @@ class Trainer:
             candidates.append((record["train_acc"], self.model))
         self.epoch += 1
         self.batch_in_epoch = 0
+        self.epoch_sums = (0.0, 0.0, 0.0)
         self.history.append(record)
         acc, model = max(candidates, key=lambda c: c[0])
         if acc > self.best_acc:

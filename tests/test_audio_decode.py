@@ -1,0 +1,242 @@
+"""Decoding audio files into the cache format: resampling, mixdown, length, int16, and a clear error per bad file."""
+
+from __future__ import annotations
+
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from resnetlab.data import audio
+from resnetlab.data.audio import decode_audio, default_duration, probe_audio, read_audio, resample
+from resnetlab.data.errors import DataError
+
+
+def tone(freq: float, rate: int, seconds: float, amp: float = 0.5, phase: float = 0.0) -> np.ndarray:
+    t = np.arange(int(round(rate * seconds))) / rate
+    return (amp * np.sin(2 * np.pi * freq * t + phase)).astype(np.float32)
+
+
+def write(path: Path, data: np.ndarray, rate: int, subtype: str = "PCM_16", fmt: str | None = None) -> Path:
+    sf.write(path, data, rate, subtype=subtype, format=fmt)
+    return path
+
+
+def peak_hz(x: np.ndarray, rate: int) -> float:
+    spec = np.abs(np.fft.rfft(x.astype(np.float64) * np.hanning(len(x))))
+    return float(np.argmax(spec)) * rate / len(x)
+
+
+def rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x.astype(np.float64)))))
+
+
+# --- resampling -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rate,freq", [(8000, 1000.0), (44100, 3000.0), (22050, 440.0), (48000, 7000.0),
+                                       (11025, 2500.0), (16000, 1234.0)])
+def test_decode_resamples_and_keeps_tone(tmp_path, rate, freq):
+    path = write(tmp_path / "tone.wav", tone(freq, rate, 1.0), rate)
+    x = decode_audio(path, 16000, 16000)
+    assert x.dtype == np.int16 and x.shape == (16000,)
+    assert abs(peak_hz(x, 16000) - freq) <= 1.0
+    # Passband gain is 1: the amplitude survives (away from the clip edges, where the filter sees zeros).
+    assert rms(x[1000:-1000] / 32768.0) == pytest.approx(0.5 / math.sqrt(2), rel=0.01)
+
+
+@pytest.mark.parametrize("freq", [8100.0, 8500.0, 10000.0, 15000.0])
+def test_downsampling_removes_tones_above_the_new_nyquist(tmp_path, freq):
+    path = write(tmp_path / "high.wav", tone(freq, 44100, 1.0), 44100, subtype="FLOAT")
+    x = decode_audio(path, 16000, 16000) / 32768.0
+    assert rms(x[500:-500]) < 1e-4 * rms(tone(freq, 44100, 1.0))  # > 80 dB down: nothing aliases into the band
+
+
+def _direct_resample(x: torch.Tensor, orig: int, new: int) -> torch.Tensor:
+    """The definition, one output sample at a time: y[j] = sum_i x[i] h(j * orig / new - i)."""
+    width = audio._half_width(orig, new)
+    out = []
+    for j in range(-(-x.numel() * new // orig)):
+        pos = j * orig / new
+        i = torch.arange(max(0, math.floor(pos) - width), min(x.numel(), math.floor(pos) + width + 2))
+        out.append((x[i] * audio._sinc_kernel(pos - i.double(), orig, new)).sum())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("orig,new", [(441, 160), (1, 2), (3, 1), (11, 10), (9, 10)])
+def test_polyphase_resampler_matches_the_direct_sum(orig, new):
+    x = torch.randn(700, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = _direct_resample(x, orig, new)
+    torch.testing.assert_close(resample(x, orig, new), expected, atol=1e-12, rtol=0)  # conv1d path
+    np.testing.assert_allclose(resample(x.numpy(), orig, new), expected.numpy(), atol=1e-12, rtol=0)  # numpy path
+
+
+def test_resample_lengths_and_batching():
+    x = torch.randn(2, 3, 8001)
+    y = resample(x, 8000, 16000)
+    assert y.shape == (2, 3, 16002)
+    torch.testing.assert_close(y[1, 2], resample(x[1, 2], 8000, 16000))
+    assert resample(x, 16000, 16000) is x
+    xn = x.numpy()
+    yn = resample(xn, 8000, 16000)
+    assert yn.shape == (2, 3, 16002) and yn.dtype == np.float32
+    np.testing.assert_allclose(yn, y.numpy(), atol=1e-5, rtol=0)
+    with pytest.raises(TypeError, match="floating"):
+        resample(np.zeros(10, np.int16), 8000, 16000)
+    # Upsampling by 2 keeps the original samples (a band-limited interpolator passes through them).
+    t = torch.from_numpy(tone(500.0, 8000, 0.5)).double()
+    torch.testing.assert_close(resample(t, 8000, 16000)[200:-200:2], t[100:-100], atol=2e-4, rtol=0)
+
+
+def test_int16_at_native_rate_is_exact(tmp_path):
+    data = np.random.default_rng(0).integers(-32768, 32767, 16000, dtype=np.int16)
+    path = write(tmp_path / "pcm.wav", data, 16000)
+    np.testing.assert_array_equal(decode_audio(path, 16000, 16000), data)
+
+
+def test_int16_conversion_clips():
+    np.testing.assert_array_equal(audio.to_int16(np.array([-2.0, -1.0, 0.0, 0.5, 1.0, 3.0], np.float32)),
+                                  np.array([-32768, -32768, 0, 16384, 32767, 32767], np.int16))
+
+
+# --- channels and length ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("channels", [2, 3, 6])
+def test_channels_are_mixed_down_by_their_mean(tmp_path, channels):
+    rng = np.random.default_rng(channels)
+    data = rng.integers(-8000, 8000, (4000, channels), dtype=np.int16)
+    path = write(tmp_path / f"c{channels}.wav", data, 16000)
+    x = decode_audio(path, 16000, 4000)
+    expected = np.rint(data.astype(np.float64).mean(axis=1))
+    assert np.abs(x - expected).max() <= 1
+
+
+def test_stereo_tone_mix(tmp_path):
+    left, right = tone(1000.0, 8000, 1.0, amp=0.6), tone(1000.0, 8000, 1.0, amp=0.2)
+    path = write(tmp_path / "stereo.flac", np.stack([left, right], axis=1), 8000)
+    wave, rate = read_audio(path)
+    assert rate == 8000 and wave.shape == (8000,)
+    np.testing.assert_allclose(wave, (left + right) / 2, atol=1e-4)
+
+
+def test_short_clips_are_padded_symmetrically_and_long_ones_centre_cropped(tmp_path):
+    data = np.arange(1, 1001, dtype=np.int16)
+    path = write(tmp_path / "ramp.wav", data, 16000)
+    padded = decode_audio(path, 16000, 1600)
+    assert padded.shape == (1600,)
+    assert not padded[:300].any() and not padded[1300:].any()
+    np.testing.assert_array_equal(padded[300:1300], data)
+    cropped = decode_audio(path, 16000, 601)
+    np.testing.assert_array_equal(cropped, data[199:800])  # drops (1000 - 601) // 2 = 199 at the start
+
+
+def test_ogg_vorbis_and_flac_decode(tmp_path):
+    for name in ("tone.ogg", "tone.flac"):
+        path = write(tmp_path / name, tone(700.0, 22050, 1.0), 22050, subtype="VORBIS" if name.endswith("ogg")
+                     else "PCM_16")
+        x = decode_audio(path, 16000, 16000)
+        assert abs(peak_hz(x, 16000) - 700.0) <= 1.0
+
+
+def test_all_silent_clip_is_valid(tmp_path):
+    path = write(tmp_path / "silence.wav", np.zeros(8000, np.int16), 8000)
+    x = decode_audio(path, 16000, 16000)
+    assert x.shape == (16000,) and not x.any()
+
+
+# --- bad files: one DataError each, naming the file -------------------------------------------------------
+
+def _wav_bytes(channels: int = 1, n: int = 800) -> bytes:
+    fmt = struct.pack("<HHIIHH", 1, channels, 16000, 32000 * max(channels, 1), 2 * max(channels, 1), 16)
+    data = b"\x01\x00" * n * max(channels, 1)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def _make_bad(kind: str, tmp: Path) -> tuple[Path, str]:
+    """A bad file and a word its error message must contain."""
+    good = _wav_bytes()
+    if kind == "zero_byte":
+        (p := tmp / "empty.wav").write_bytes(b"")
+        return p, "empty"
+    if kind == "truncated_header":
+        (p := tmp / "cut_header.wav").write_bytes(good[:20])
+        return p, "cannot decode"
+    if kind == "truncated_data":
+        (p := tmp / "cut_data.wav").write_bytes(good[:600])
+        return p, "truncated"
+    if kind == "random_bytes":
+        (p := tmp / "noise.wav").write_bytes(np.random.default_rng(0).bytes(4096))
+        return p, "cannot decode"
+    if kind == "text_flac":
+        (p := tmp / "notes.flac").write_text("this is not a FLAC file\n" * 50)
+        return p, "cannot decode"
+    if kind == "truncated_flac":
+        full = write(tmp / "full.flac", tone(440.0, 16000, 1.0), 16000).read_bytes()
+        (p := tmp / "cut.flac").write_bytes(full[: len(full) // 2])
+        return p, "cannot decode"
+    if kind == "zero_length":
+        return write(tmp / "nothing.wav", np.zeros((0,), np.int16), 16000), "zero-length"
+    if kind == "zero_channels":
+        (p := tmp / "nochan.wav").write_bytes(_wav_bytes(channels=0))
+        return p, "channel"
+    if kind == "nan_samples":
+        return write(tmp / "nan.wav", np.array([0.1, np.nan, 0.2], np.float32), 16000, subtype="FLOAT"), "NaN"
+    if kind == "unsupported_extension":
+        return write(tmp / "clip.aiff", np.zeros(100, np.int16), 16000), "unsupported"
+    if kind == "aiff_named_wav":
+        return write(tmp / "aiff.wav", np.zeros(100, np.int16), 16000, fmt="AIFF"), "unsupported"
+    if kind == "missing":
+        return tmp / "does_not_exist.wav", "cannot read"
+    raise AssertionError(kind)
+
+
+BAD_KINDS = ["zero_byte", "truncated_header", "truncated_data", "random_bytes", "text_flac", "truncated_flac",
+             "zero_length", "zero_channels", "nan_samples", "unsupported_extension", "aiff_named_wav", "missing"]
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_bad_files_raise_a_one_line_data_error_naming_the_file(tmp_path, kind):
+    path, cause = _make_bad(kind, tmp_path)
+    with pytest.raises(DataError) as info:
+        decode_audio(path, 16000, 16000)
+    message = str(info.value)
+    assert str(path) in message
+    assert cause.lower() in message.lower()
+    assert "\n" not in message
+    assert isinstance(info.value, ValueError)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="num_samples"):
+        decode_audio("x.wav", 16000, 0)
+    with pytest.raises(ValueError, match="sample_rate"):
+        decode_audio("x.wav", 16000.0, 100)
+
+
+# --- probing ----------------------------------------------------------------------------------------------
+
+def test_probe_reads_headers_and_skips_unreadable_files(tmp_path):
+    paths = []
+    for i, seconds in enumerate([0.4, 0.5, 0.6, 0.7, 2.0]):
+        data = np.zeros((int(8000 * seconds), 2 if i == 0 else 1), np.int16)
+        paths.append(write(tmp_path / f"{i}.wav", data, 8000 if i else 16000))
+    (bad := tmp_path / "bad.wav").write_bytes(b"garbage")
+    probe = probe_audio([*paths, bad])
+    assert probe["sample_rate"] == 8000 and probe["channels"] == 1
+    assert probe["duration_s"] == pytest.approx(0.6)
+    assert probe["p95_duration_s"] == pytest.approx(np.percentile([0.2, 0.5, 0.6, 0.7, 2.0], 95))
+    assert probe["min_duration_s"] == pytest.approx(0.2) and probe["max_duration_s"] == pytest.approx(2.0)
+    assert probe["files_probed"] == 6 and probe["unreadable"] == 1
+    assert probe_audio(paths, max_files=2)["files_probed"] == 2
+    with pytest.raises(DataError, match="none of the 1"):
+        probe_audio([bad])
+
+
+@pytest.mark.parametrize("p95,expected", [(1.0, 1.0), (0.73, 0.8), (0.71, 0.8), (0.2, 0.5), (25.0, 10.0),
+                                          (1.0000001, 1.0), (2.31, 2.4)])
+def test_default_duration_rule(p95, expected):
+    assert default_duration({"p95_duration_s": p95}) == pytest.approx(expected)
