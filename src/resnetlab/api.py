@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +144,9 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, prepared: PreparedDat
     prec = pick_precision(device, cfg.precision, cfg.channels_last, getattr(model, "ndim", 2))
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     if cfg.deterministic:
+        if device.type == "cuda":  # cuBLAS needs a fixed workspace to be deterministic; cuDNN must not autotune
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True)
     try:
         return _fit_and_report(cfg, model, prepared, pipeline, device, meta, prec, run_dir, phases, log)
@@ -186,6 +191,12 @@ def resumed_config(cls, cfg, options: dict):
     saved = load_yaml(Path(cfg.out) / "config.yaml")
     saved.pop("code_version", None)
     explicit = {k: v for k, v in options.items() if k in ("quiet", "device")}
+    ignored = sorted(k for k, v in options.items()
+                     if k not in explicit and k not in ("resume", "out", "data", "config") and v is not None
+                     and saved.get(k) != v)
+    if ignored:
+        print(f"note: --resume continues the saved schedule of {cfg.out}; ignoring {', '.join(ignored)}",
+              file=sys.stderr)
     return make_config(cls, saved, explicit, {"resume": True, "out": cfg.out})
 
 
@@ -234,6 +245,14 @@ def load_model(run_or_checkpoint: str | Path, *, device: str = "cpu", which: str
     return model, pipeline, meta
 
 
+def inference_precision(device: torch.device, meta: dict, ndim: int, channels_last: bool | None):
+    """The precision the model was trained (and validated) in, when this device has it; else ``auto``."""
+    trained = meta.get("precision", "auto")
+    if trained == "fp16" and device.type != "cuda":
+        trained = "auto"
+    return pick_precision(device, trained, channels_last, ndim)
+
+
 def evaluate(run_or_checkpoint: str | Path, data: str, *, tta: bool = False, batch_size: int = 256,
              device: str = "auto", out: str | Path | None = None, cache_dir: str | None = None,
              strict_data: bool = False, log=print) -> dict:
@@ -258,7 +277,7 @@ def evaluate(run_or_checkpoint: str | Path, data: str, *, tta: bool = False, bat
         raise DataError(f"{data} holds {prepared.spec.modality} files but the model was trained on {pc['modality']}")
     arrays = prepared.val if prepared.val is not None and len(prepared.val) else prepared.train
     loader = DeviceLoader(arrays.x, arrays.y, batch_size, shuffle=False, drop_last=False, device=dev)
-    prec = pick_precision(dev, "auto", None, getattr(model, "ndim", 2))
+    prec = inference_precision(dev, meta, getattr(model, "ndim", 2), channels_last=None)
     model = model.to(memory_format=torch.channels_last) if prec.channels_last else model
     t0 = time.perf_counter()
     pred = predict_loader(model, pipeline, loader, prec, tta=tta)
@@ -295,7 +314,7 @@ def predict(run_or_checkpoint: str | Path, inputs, *, top_k: int = 5, batch_size
     k = min(top_k, meta["num_classes"])
     decode, _, _ = decoder_for(meta["pipeline"])
     dev = next(model.parameters()).device
-    prec = pick_precision(dev, "auto", False, getattr(model, "ndim", 2))
+    prec = inference_precision(dev, meta, getattr(model, "ndim", 2), channels_last=False)
     results: list[dict | None] = [None] * len(files)
     good: list[tuple[int, np.ndarray]] = []
     for i, f in enumerate(files):

@@ -79,7 +79,8 @@ class TrainConfig:
     epochs: int | None = _opt(None, "epochs (default: from the dataset size)", check=AT_LEAST_ONE)
     batch_size: int | None = _opt(None, "batch size (default: from the dataset size)", check=AT_LEAST_ONE)
     optimizer: str = _opt("sgd", "optimizer", ("sgd", "adamw"))
-    lr: float | None = _opt(None, "peak learning rate (default: 0.1 x batch/256 for SGD, 1e-3 x batch/256 AdamW)",
+    lr: float | None = _opt(None, "peak learning rate (default: images 0.2 x batch/256 SGD, 2e-3 x batch/256 "
+                                       "AdamW; audio 0.1 SGD, 2e-3 AdamW; fine-tuning a quarter of that)",
                             check=POSITIVE)
     momentum: float = _opt(0.9, "SGD momentum (Nesterov)", check=FRACTION)
     weight_decay: float | None = _opt(None, "weight decay, not applied to norms and biases "
