@@ -26,6 +26,7 @@ from resnetlab.data.pipeline import Pipeline, build_pipeline
 from resnetlab.data.prepare import PreparedData, channel_stats, decoder_for, prepare_data
 from resnetlab.models import create_model, get_spec
 from resnetlab.training import checkpoint as ckpt
+from resnetlab.training import distributed
 from resnetlab.training.config import TrainConfig, load_yaml, make_config, save_config
 from resnetlab.training.defaults import resolve
 from resnetlab.training.engine import Phase, Trainer
@@ -112,13 +113,17 @@ def prepare_run(cfg: TrainConfig, log=print):
     """Data, resolved config, pipeline and model for a run (shared by train and finetune)."""
     if not cfg.data:
         raise ValueError("no data: pass --data PATH (a folder, a CSV manifest, or builtin:digits)")
-    device = pick_device(cfg.device)
+    device = distributed.setup(pick_device(cfg.device))  # under torchrun: join the group, take this rank's GPU
+    log = distributed.main_only(log)
     torch.manual_seed(cfg.seed)
-    prepared = prepare_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, img_size=cfg.img_size,
-                            channels=cfg.channels, sample_rate=cfg.sample_rate, duration=cfg.duration,
-                            cache_dir=cfg.cache_dir, strict=cfg.strict_data, progress=not cfg.quiet, log=log)
+    with distributed.main_first():  # one process per node builds the cache; the others then open it
+        prepared = prepare_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, img_size=cfg.img_size,
+                                channels=cfg.channels, sample_rate=cfg.sample_rate, duration=cfg.duration,
+                                cache_dir=cfg.cache_dir, strict=cfg.strict_data,
+                                progress=not cfg.quiet and distributed.is_main(), stream=cfg.stream, log=log)
     cfg = resolve(cfg, modality=prepared.spec.modality, facts=prepared.facts, n_train=len(prepared.train),
                   device_type=device.type)
+    cfg.out = distributed.broadcast_object(cfg.out)  # the default name holds the time: rank 0's for all
     spec = get_spec(cfg.arch)
     pipeline = make_pipeline(cfg, prepared, spec.ndim, device)
     return cfg, device, prepared, pipeline
@@ -127,20 +132,26 @@ def prepare_run(cfg: TrainConfig, log=print):
 def make_loaders(cfg: TrainConfig, prepared: PreparedData, device: torch.device, rank: int = 0, world: int = 1):
     on_device = device.type == "cuda" and prepared.train.x.nbytes < 4 * 2**30
     train_loader = DeviceLoader(prepared.train.x, prepared.train.y, cfg.batch_size, shuffle=True, drop_last=True,
-                                device=device, seed=cfg.seed, on_device=on_device, rank=rank, world_size=world)
+                                device=device, seed=cfg.seed, on_device=on_device, rank=rank, world_size=world,
+                                workers=cfg.workers)
     val_loader = None
     if prepared.val is not None and len(prepared.val):
         val_loader = DeviceLoader(prepared.val.x, prepared.val.y, max(cfg.batch_size, 256), shuffle=False,
-                                  drop_last=False, device=device, on_device=on_device)
+                                  drop_last=False, device=device, on_device=on_device, workers=cfg.workers)
     return train_loader, val_loader
 
 
 def run_training(cfg: TrainConfig, model: torch.nn.Module, prepared: PreparedData, pipeline: Pipeline,
                  device: torch.device, meta: dict, *, phases: list[Phase] | None = None, log=print) -> TrainResult:
-    """Fit, then write the report from the best checkpoint. Shared by ``train`` and ``finetune``."""
+    """Fit, then write the report from the best checkpoint. Shared by ``train`` and ``finetune``.
+
+    Under torchrun every rank trains its shard; rank 0 alone writes the run directory.
+    """
     run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml", {"code_version": code_version()})
+    log = distributed.main_only(log)
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml", {"code_version": code_version()})
     prec = pick_precision(device, cfg.precision, cfg.channels_last, getattr(model, "ndim", 2))
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     if cfg.deterministic:
@@ -149,7 +160,9 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, prepared: PreparedDat
             torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True)
     try:
-        return _fit_and_report(cfg, model, prepared, pipeline, device, meta, prec, run_dir, phases, log)
+        result = _fit_and_report(cfg, model, prepared, pipeline, device, meta, prec, run_dir, phases, log)
+        distributed.teardown()
+        return result
     finally:  # a process-wide switch: later runs in this process (tests, notebooks) get back what they had
         torch.use_deterministic_algorithms(was_deterministic)
 
@@ -157,16 +170,20 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, prepared: PreparedDat
 def _fit_and_report(cfg: TrainConfig, model: torch.nn.Module, prepared: PreparedData, pipeline: Pipeline,
                     device: torch.device, meta: dict, prec, run_dir: Path, phases: list[Phase] | None,
                     log) -> TrainResult:
-    train_loader, val_loader = make_loaders(cfg, prepared, device)
+    world = distributed.world_size()
+    train_loader, val_loader = make_loaders(cfg, prepared, device, distributed.rank(), world)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"{cfg.arch}: {n_params:,} parameters; {len(prepared.train)} train samples, batch {cfg.batch_size}, "
+    batch = f"batch {cfg.batch_size}" + (f" per process x {world} processes" if world > 1 else "")
+    if cfg.accum_steps > 1:
+        batch += f" x {cfg.accum_steps} accumulated"
+    log(f"{cfg.arch}: {n_params:,} parameters; {len(prepared.train)} train samples, {batch}, "
         f"{cfg.epochs} epochs, {cfg.optimizer} lr {cfg.lr:g}; {device.type} {prec.name}"
         f"{' channels-last' if prec.channels_last else ''}; run directory {run_dir}")
     trainer = Trainer(model, pipeline, train_loader, val_loader, cfg, run_dir, meta, prec, phases=phases, log=log)
     fit = trainer.fit()
     report = None
     best = run_dir / "checkpoints" / "best.safetensors"
-    if best.exists():
+    if best.exists() and distributed.is_main():
         tensors, _ = ckpt.read_checkpoint(best)
         ckpt.unwrap(trainer.model).load_state_dict(ckpt.strip_prefix(tensors, "model."))
         val_pred = trainer.validate(trainer.model)
@@ -212,7 +229,7 @@ def train(data: str | None = None, *, config: str | Path | dict | TrainConfig | 
     cfg = build_config(config, **options)
     if cfg.arch is not None:
         get_spec(cfg.arch)  # an unknown name fails before any data is read
-    log = log or _log_to(cfg.quiet)
+    log = distributed.main_only(log or _log_to(cfg.quiet))  # under torchrun only rank 0 speaks
     if cfg.resume:
         cfg = resumed_config(TrainConfig, cfg, options)
     cfg, device, prepared, pipeline = prepare_run(cfg, log)
@@ -237,7 +254,7 @@ def load_model(run_or_checkpoint: str | Path, *, device: str = "cpu", which: str
             raise ckpt.CheckpointError(f"checkpoint {path} lacks {key!r} in its metadata")
     model = create_model(meta["arch"], num_classes=meta["num_classes"], in_chans=meta["in_chans"],
                          **meta.get("model_overrides", {}))
-    model.load_state_dict(ckpt.strip_prefix(tensors, "model."))
+    ckpt.load_weights(model, ckpt.strip_prefix(tensors, "model."), path)
     dev = pick_device(device)
     model.to(dev).eval()
     pipeline = build_pipeline(meta["pipeline"]).to(dev)

@@ -24,11 +24,13 @@ class DeviceLoader:
         on_device: copy the whole dataset to the device once (fast path for GPUs when it fits).
         rank, world_size: shard for distributed training (each rank gets every world_size-th sample of
             the epoch's permutation, padded by repetition so all ranks take the same number of steps).
+        workers: DataLoader worker processes when ``x`` is a streaming :class:`~resnetlab.data.stream.LazyArray`
+            (files decoded on the fly); unused for the cache.
     """
 
     def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, *, shuffle: bool, drop_last: bool,
                  device: torch.device | str = "cpu", seed: int = 0, on_device: bool = False, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, workers: int = 2):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.x, self.y = x, np.array(y, dtype=np.int64)  # a private, writable copy of the labels
@@ -39,6 +41,11 @@ class DeviceLoader:
         self.seed = seed
         self.rank, self.world_size = rank, world_size
         self.per_rank = -(-self.n // world_size)
+        from resnetlab.data.stream import LazyArray
+
+        self.streaming = isinstance(x, LazyArray)
+        self.workers = workers
+        on_device = on_device and not self.streaming
         self._x_dev = torch.from_numpy(np.ascontiguousarray(x)).to(self.device) if on_device else None
         self._y_all = torch.from_numpy(self.y)
         self._pin = self.device.type == "cuda"
@@ -89,6 +96,14 @@ class DeviceLoader:
         if self._x_dev is not None:
             for idx in batches:
                 yield self._fetch(idx)
+            return
+        if self.streaming:
+            from resnetlab.data.stream import stream_batches
+
+            for idx, xb in stream_batches(self.x, [b.sort().values for b in batches], self.workers):
+                yb = self._y_all[idx]
+                xb = xb if torch.is_tensor(xb) else torch.from_numpy(xb)  # DataLoader converts arrays itself
+                yield xb.to(self.device, non_blocking=self._pin), yb.to(self.device, non_blocking=self._pin)
             return
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(self._fetch, batches[0])

@@ -79,8 +79,13 @@ def choose_audio_facts(spec: DatasetSpec, sample_rate: int, duration: float | No
 def prepare_data(data: str, *, modality_facts: dict | None = None, val_fraction: float = 0.1, seed: int = 0,
                  img_size: int | None = None, channels: int | None = None, sample_rate: int = 16000,
                  duration: float | None = None, cache_dir: str | None = None, strict: bool = False,
-                 progress: bool = True, classes: list[str] | None = None, log=print) -> PreparedData:
-    """Scan ``data`` (folder, CSV or ``builtin:NAME``), decode it once into the cache, return the arrays."""
+                 progress: bool = True, classes: list[str] | None = None, stream: bool | None = None,
+                 max_cache_gb: float = 64.0, log=print) -> PreparedData:
+    """Scan ``data`` (folder, CSV or ``builtin:NAME``), decode it once into the cache, return the arrays.
+
+    ``stream``: decode on the fly in DataLoader workers instead of caching (``None``: when the decoded data
+    would exceed ``max_cache_gb`` or half the free space of the cache's disk).
+    """
     path = resolve_builtin(data)
     spec = scan_dataset(path, val_fraction=val_fraction, seed=seed, classes=classes)
     log(spec.summary())
@@ -93,6 +98,15 @@ def prepare_data(data: str, *, modality_facts: dict | None = None, val_fraction:
         decode, shape, dtype = audio_decoder(facts["sample_rate"], facts["num_samples"])
         key = {"modality": "audio", "sample_rate": facts["sample_rate"], "num_samples": facts["num_samples"]}
     root = Path(cache_dir) if cache_dir else default_cache_root()
+    why = "asked for"
+    if stream is None:
+        stream = _too_big_to_cache(len(spec.train) + len(spec.val), shape, dtype, root, max_cache_gb)
+        why = "too large to cache"
+    if stream:
+        log(f"streaming: {len(spec.train) + len(spec.val)} files decoded on the fly ({why})")
+        train = stream_dataset(spec.train, decode, shape, dtype, spec.classes, strict)
+        val = stream_dataset(spec.val, decode, shape, dtype, spec.classes, strict) if spec.val else None
+        return PreparedData(spec, train, val, shape, {**facts, "streaming": True})
     train = build_cache(spec.train, decode, shape, dtype, root, {**key, "split": "train"}, spec.classes,
                         strict=strict, progress=progress, desc="caching train")
     val = (build_cache(spec.val, decode, shape, dtype, root, {**key, "split": spec.val_name}, spec.classes,
@@ -101,6 +115,55 @@ def prepare_data(data: str, *, modality_facts: dict | None = None, val_fraction:
         if ds is not None and ds.skipped:
             log(f"skipped {len(ds.skipped)} unreadable file(s), e.g. {ds.skipped[0][0]}: {ds.skipped[0][1]}")
     return PreparedData(spec, train, val, shape, facts)
+
+
+def _too_big_to_cache(n: int, shape: tuple, dtype, root: Path, max_cache_gb: float) -> bool:
+    import shutil
+
+    need = n * int(np.prod(shape)) * np.dtype(dtype).itemsize
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    return need > max_cache_gb * 2**30 or need > free / 2
+
+
+def stream_dataset(items, decode, shape, dtype, classes, strict: bool) -> ArrayDataset:
+    """An ArrayDataset whose ``x`` decodes on access; files whose header is unreadable are skipped up front."""
+    from resnetlab.data.stream import LazyArray
+
+    ok, skipped = [], []
+    for path, label in items:
+        try:
+            _check_header(path)
+            ok.append((path, label))
+        except DataError as e:
+            if strict:
+                raise
+            skipped.append((path, str(e)))
+    if not ok:
+        raise DataError(f"none of the {len(items)} files is readable (e.g. {skipped[0][0]}: {skipped[0][1]})")
+    files = [p for p, _ in ok]
+    return ArrayDataset(LazyArray(files, decode, shape, dtype, strict=strict), np.array([lab for _, lab in ok]),
+                        files, skipped, list(classes), {"streaming": True})
+
+
+def _check_header(path: str) -> None:
+    from resnetlab.data.layout import file_kind
+
+    if file_kind(path) == "image":
+        from resnetlab.data.images import read_header
+
+        read_header(path)
+    else:
+        import soundfile
+
+        try:
+            info = soundfile.info(path)
+        except Exception as e:  # libsndfile raises several types for unreadable files
+            raise DataError(f"{path}: not a readable audio file ({str(e).splitlines()[0][:120]})") from None
+        if info.frames == 0:
+            raise DataError(f"{path}: zero-length clip")
 
 
 def channel_stats(x: np.ndarray, max_samples: int = 10_000, seed: int = 0) -> tuple[list[float], list[float]]:

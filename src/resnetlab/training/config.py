@@ -68,6 +68,9 @@ class TrainConfig:
                              group="data")
     cache_dir: str | None = _opt(None, "decoded-data cache (default: $RESNETLAB_CACHE or ~/.cache/resnetlab)",
                                  group="data")
+    stream: bool | None = _opt(None, "decode files on the fly in DataLoader workers instead of caching (default: "
+                                     "only when the decoded data would not fit the cache)", group="data")
+    workers: int = _opt(2, "DataLoader worker processes for --stream", group="data", check=Range(0))
     # model
     arch: str | None = _opt(None, "model name from `resnetlab models` (default: chosen from the data)",
                             group="model")
@@ -91,6 +94,8 @@ class TrainConfig:
     ema: float = _opt(0.0, "decay of an exponential moving average of the weights, evaluated and saved as best "
                            "when better (0: off; e.g. 0.999)", check=FRACTION)
     grad_clip: float = _opt(0.0, "clip the global gradient norm to this value (0: off)", check=NON_NEGATIVE)
+    accum_steps: int = _opt(1, "gradient accumulation: one optimizer step every N batches, each batch's loss divided "
+                               "by N (effective batch: N x batch_size x processes)", check=AT_LEAST_ONE)
     # augmentation (images)
     crop_pad: int | None = _opt(None, "random crop with this much padding, in pixels (default: img_size/8 for "
                                       "small images, 0 when random-resized-crop is on)", group="augmentation",
@@ -131,6 +136,10 @@ class TrainConfig:
                                group="engine")
     out: str | None = _opt(None, "run directory (default: runs/<date>-<arch>)", group="engine")
     resume: bool = _opt(False, "continue the run in --out from its last checkpoint", group="engine")
+    checkpoint_every: int = _opt(0, "also save checkpoints/last every N batches, so a killed run loses little "
+                                    "(0: at the end of each epoch only)", group="engine", check=NON_NEGATIVE)
+    sync_bn: bool = _opt(False, "distributed (torchrun): BatchNorm statistics over the global batch instead of each "
+                                "process's (SyncBatchNorm; CUDA only)", group="engine")
     quiet: bool = _opt(False, "no progress bars: one line per epoch, for logs", group="engine")
     grad_norm_every: int = _opt(20, "record per-stage gradient norms every N steps (0: off)", group="engine",
                                 check=NON_NEGATIVE)
@@ -271,7 +280,9 @@ def save_config(cfg, path: Path, extra: dict | None = None) -> None:
     data = dataclasses.asdict(cfg)
     if extra:
         data.update(extra)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    tmp = path.with_name(f".{path.name}.tmp")  # atomic: a run killed while writing keeps its previous config
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    tmp.replace(path)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, skip: tuple[str, ...] = ()) -> None:
