@@ -191,7 +191,7 @@ def _fit_and_report(cfg: TrainConfig, model: torch.nn.Module, prepared: Prepared
 
         report = write_run_report(run_dir, val_x=prepared.val.x if prepared.val is not None else None,
                                   val_pred=val_pred, classes=prepared.spec.classes, modality=prepared.spec.modality,
-                                  pipeline=trainer.pipeline, skipped=prepared.skipped)
+                                  pipeline=trainer.pipeline, skipped=prepared.skipped, model=trainer.model)
     return TrainResult(run_dir, fit.best_acc, fit.best_epoch, fit.epochs, fit.seconds, fit.interrupted, cfg, report)
 
 
@@ -402,7 +402,7 @@ def finetune(data: str | None = None, *, pretrained: str | None = None, config=N
     if isinstance(config, (str, Path)):
         config = load_yaml(config)
     cfg = make_config(FinetuneConfig, dict(config or {}), {k: v for k, v in options.items() if v is not None})
-    log = log or _log_to(cfg.quiet)
+    log = distributed.main_only(log or _log_to(cfg.quiet))  # under torchrun only rank 0 speaks
     if cfg.resume:
         cfg = resumed_config(FinetuneConfig, cfg, options)
     if not cfg.pretrained:

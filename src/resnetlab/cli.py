@@ -21,6 +21,9 @@ EXAMPLES = """examples:
   resnetlab finetune --pretrained runs/x/checkpoints/best.safetensors --data DIR --strategy lp-ft
   resnetlab finetune --pretrained torchvision:resnet50 --data DIR   (the file from the local torch hub cache)
   resnetlab lr-find --data DIR --arch resnet18    learning-rate range test with its plot
+  resnetlab export runs/x --format onnx --dynamic-batch   ONNX with preprocessing and class names inside
+  resnetlab serve runs/x --port 8000              HTTP API + web page (drop a file, see label and heat map)
+  resnetlab explain runs/x a.png b.wav            Grad-CAM overlay PNGs in runs/x/explain/
 """
 
 
@@ -85,6 +88,18 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--format", choices=("table", "json", "csv"), default="table")
     pr.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
+    x = sub.add_parser("experiment", help="reproduce a finding of the papers (degradation: plain vs residual)",
+                       description="degradation: train plain and residual nets of two depths identically and plot "
+                                   "training error and the gradient reaching the stem (He et al. 2015, Fig. 6).")
+    x.add_argument("name", choices=("degradation",))
+    x.add_argument("--data", default="builtin:digits", help="dataset (default: builtin:digits)")
+    x.add_argument("--depths", type=int, nargs=2, default=[20, 56], metavar=("SHALLOW", "DEEP"))
+    x.add_argument("--epochs", type=int, default=6)
+    x.add_argument("--batch-size", type=int)
+    x.add_argument("--lr", type=float)
+    x.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    x.add_argument("--out", default="runs/degradation")
+
     d = sub.add_parser("demo", help="train, evaluate and predict on an embedded dataset (about a minute)",
                        description="The whole workflow on data shipped with the package: builtin:digits (MNIST "
                                    "subset) or builtin:spoken-digits (FSDD subset).")
@@ -92,7 +107,51 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int, help="override the demo's epochs")
     d.add_argument("--out", help="run directory (default: runs/demo-<task>)")
     d.add_argument("--quiet", action="store_true")
+    _add_deploy_parsers(sub)
     return p
+
+
+def _add_deploy_parsers(sub) -> None:
+    """export, serve, explain (resnetlab.deploy and resnetlab.explain)."""
+    from resnetlab.deploy.export import DEFAULT_OPSET, FORMATS
+    from resnetlab.deploy.predictor import BACKENDS
+
+    ex = sub.add_parser("export", help="export a trained model with its preprocessing (ONNX, TorchScript, .pt2)",
+                        description="Export a run's model with its eval-time preprocessing inside the graph "
+                                    "(images: uint8 NCHW in; audio: float waves in, log-mel/MFCC in the graph) and "
+                                    "the class names, mean/std, input size and audio settings embedded; then check "
+                                    "the file against eager PyTorch. ONNX needs pip install 'resnetlab[export]'.")
+    ex.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
+    ex.add_argument("--format", choices=FORMATS, default="onnx")
+    ex.add_argument("--dynamic-batch", action="store_true", help="a free batch axis (default: batch 1)")
+    ex.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, >= 17 (default {DEFAULT_OPSET})")
+    ex.add_argument("--out", metavar="FILE", help="output file (default: RUN_DIR/export/best.<ext>)")
+    ex.add_argument("--no-check", action="store_true", help="skip running the exported file against PyTorch")
+
+    sv = sub.add_parser("serve", help="HTTP API and web page for a trained model (POST /predict, GET /health)",
+                        description="Serve a run's model: POST /predict (multipart field 'file'; ?top_k=, "
+                                    "?explain=1 adds a Grad-CAM PNG), GET /health, GET /info, and a web page at / to "
+                                    "drop a file or record from the microphone. Concurrent requests are batched.")
+    sv.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
+    sv.add_argument("--backend", choices=BACKENDS, default="auto")
+    sv.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    sv.add_argument("--max-batch", type=int, default=16, help="largest batch the worker forms")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long the worker waits to fill a batch")
+    sv.add_argument("--max-upload-mb", type=float, default=16.0, help="larger uploads get 413")
+    sv.add_argument("--top-k", type=int, default=5)
+    sv.add_argument("--verbose", action="store_true", help="log every request")
+
+    xp = sub.add_parser("explain", help="Grad-CAM (and audio saliency) overlay PNGs for files",
+                        description="Write FILE.gradcam.png per input: the heat map of the last stage's Grad-CAM for "
+                                    "the predicted class over the image, or over the spectrogram the network reads "
+                                    "with the input saliency below it.")
+    xp.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
+    xp.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR")
+    xp.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/explain)")
+    xp.add_argument("--target", metavar="CLASS", help="explain this class instead of the predicted one")
+    xp.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
 
 
 def cmd_models(args) -> int:
@@ -193,6 +252,15 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    from resnetlab.experiments.degradation import run_degradation
+
+    options = {k: v for k, v in {"batch_size": args.batch_size, "lr": args.lr, "device": args.device}.items()
+               if v is not None}
+    run_degradation(args.data, depths=tuple(args.depths), epochs=args.epochs, out=args.out, **options)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from resnetlab.demo import run_demo
 
@@ -200,8 +268,50 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from resnetlab.deploy.export import export_model
+
+    res = export_model(args.run, args.format, args.out, dynamic_batch=args.dynamic_batch, opset=args.opset,
+                       check=not args.no_check)
+    m = res.metadata
+    shape = "x".join(str(d) for d in m["input"]["shape"])
+    print(f"wrote {res.path} ({res.path.stat().st_size / 2**20:.1f} MiB): {m['arch']}, input {m['input']['dtype']} "
+          f"{shape}, output logits over {m['num_classes']} classes; metadata embedded")
+    if res.max_abs_diff is not None:
+        print(f"check: max |logit difference| vs PyTorch {res.max_abs_diff:.2e} ({res.check})")
+    else:
+        print(f"check: {res.check}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from resnetlab.deploy.serve import serve
+
+    serve(args.run, host=args.host, port=args.port, backend=args.backend, device=args.device,
+          max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb, top_k=args.top_k,
+          verbose=args.verbose, log=_to_stderr)
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from resnetlab.explain.gradcam import explain_files
+
+    results = explain_files(args.run, args.inputs, args.out, device=args.device, target=args.target)
+    for r in results:
+        if "error" in r:
+            print(f"{r['file']}: error: {r['error']}")
+        else:
+            print(f"{r['file']}: {r['label']} ({r['prob']:.3f}) -> {r['png']}")
+    errors = sum("error" in r for r in results)
+    if errors:
+        print(f"resnetlab: {errors} of {len(results)} files could not be read", file=sys.stderr)
+        return 1
+    return 0
+
+
 COMMANDS = {"models": cmd_models, "train": cmd_train, "finetune": cmd_finetune, "lr-find": cmd_lr_find,
-            "evaluate": cmd_evaluate, "predict": cmd_predict, "demo": cmd_demo}
+            "evaluate": cmd_evaluate, "predict": cmd_predict, "experiment": cmd_experiment, "demo": cmd_demo}
+COMMANDS.update({"export": cmd_export, "serve": cmd_serve, "explain": cmd_explain})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,6 +332,17 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and closed early
         sys.stderr.close()
         return 0
+    except OSError as e:  # disk full, no permission: one line naming the file, exit 1
+        where = f": {e.filename}" if e.filename else ""
+        print(f"resnetlab {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        from resnetlab.training.engine import TrainingDiverged  # already loaded if it is what was raised
+
+        if not isinstance(e, TrainingDiverged):
+            raise
+        print(f"resnetlab {args.command}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"resnetlab {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -102,6 +102,9 @@ def build_cache(items: Sequence[tuple[str, int]], decode: Callable[[str], np.nda
 
     dataset = _open(final, digest)
     if dataset is not None:
+        if strict and dataset.skipped:  # a cache built without strict remembers the files it skipped
+            path, reason = dataset.skipped[0]
+            raise DataError(f"{path}: {reason}")
         return dataset
     cache_root.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(cache_root)

@@ -38,7 +38,9 @@ MAX_PIXELS = 50_000_000  # images whose header declares more are refused before 
 _GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; PIL takes over if they disappear.
-_TORCHVISION_FORMATS = frozenset({"PNG", "JPEG", "WEBP"}) if hasattr(torchvision.io, "decode_image") else frozenset()
+# Not PNG: torchvision's libpng wrapper crashes the process (SIGSEGV after "libpng error: IDAT: incorrect data
+# check") on damaged files, which tests/test_fuzz.py finds within seconds; PIL decodes PNG as fast and raises.
+_TORCHVISION_FORMATS = frozenset({"JPEG", "WEBP"}) if hasattr(torchvision.io, "decode_image") else frozenset()
 _EXIF_ORIENTATION = 0x0112
 
 

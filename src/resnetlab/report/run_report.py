@@ -63,8 +63,13 @@ def misclassified_examples(x: np.ndarray, indices: np.ndarray, logits: torch.Ten
 
 
 def write_run_report(run_dir: Path, *, val_x: np.ndarray | None, val_pred=None, classes: list[str],
-                     modality: str, pipeline=None, skipped: list[tuple[str, str]] | None = None) -> Path:
-    """Write every PNG of the training report and ``report/index.html``; returns the html path."""
+                     modality: str, pipeline=None, skipped: list[tuple[str, str]] | None = None,
+                     model=None) -> Path:
+    """Write every PNG of the training report and ``report/index.html``; returns the html path.
+
+    With ``model`` (the best checkpoint's), also ``gradcam.png``: Grad-CAM maps of a few validation examples,
+    one per class where possible.
+    """
     report = run_dir / "report"
     report.mkdir(parents=True, exist_ok=True)
     plot_curves(read_jsonl(run_dir / "metrics.jsonl"), report / "curves.png")
@@ -83,7 +88,22 @@ def write_run_report(run_dir: Path, *, val_x: np.ndarray | None, val_pred=None, 
         elif modality == "audio" and val_x is not None and pipeline is not None:
             write_spectrogram_examples(report / "spectrograms.png", val_x, val_pred.targets.numpy(),
                                        val_pred.indices, classes, pipeline)
+        if model is not None and pipeline is not None and val_x is not None:
+            write_gradcam_examples(report / "gradcam.png", model, pipeline, val_x, val_pred, classes)
     return write_report(run_dir)
+
+
+def write_gradcam_examples(out: Path, model, pipeline, x: np.ndarray, pred, classes: list[str],
+                           max_items: int = 8) -> Path:
+    """Grad-CAM of the first validation example of each class (up to ``max_items``), on the model's device."""
+    from resnetlab.explain.gradcam import overlay_examples
+
+    first: dict[int, int] = {}
+    for pos, label in zip(pred.indices.tolist(), pred.targets.tolist()):
+        first.setdefault(int(label), int(pos))
+    rows = sorted(first.values())[:max_items]
+    labels = [int(pred.targets[int(np.nonzero(pred.indices == r)[0][0])]) for r in rows]
+    return overlay_examples(model, pipeline, np.asarray(x[rows]), labels, classes, out, max_items=max_items)
 
 
 def write_spectrogram_examples(out: Path, x: np.ndarray, targets: np.ndarray, indices: np.ndarray,

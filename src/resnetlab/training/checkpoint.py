@@ -98,19 +98,63 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: di
               "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
     data = st_save(tensors, metadata=header)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    _remove_stale_tmp(path, keep=tmp)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        slow = os.environ.get("RESNETLAB_TEST_SLOW_SAVE")
+        if slow:  # test hook: a window in which the tests kill the process mid-save
+            time.sleep(float(slow))
         if keep_previous and path.exists():
-            os.replace(path, previous_path(path))
+            _keep_previous(path)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as e:  # disk full, read-only, quota: one line naming the file; the old checkpoint is intact
+        raise OSError(e.errno, f"cannot write checkpoint ({e.strerror or e})", str(path)) from None
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _keep_previous(path: Path) -> None:
+    """``path`` also as ``*.prev.safetensors``: a hard link, so ``path`` itself exists at every moment of a save
+    (a process killed between two renames would otherwise leave only the ``.prev`` copy, which ``read_latest``
+    falls back to). Filesystems without hard links get the two renames."""
+    prev = previous_path(path)
+    link = prev.with_name(f".{prev.name}.tmp{os.getpid()}")
+    try:
+        if link.exists():
+            link.unlink()
+        os.link(path, link)
+        os.replace(link, prev)
+    except OSError:
+        if link.exists():
+            link.unlink()
+        os.replace(path, prev)
+
+
+def _remove_stale_tmp(path: Path, keep: Path) -> None:
+    """Temporary files that a killed save of ``path`` left behind (their process is gone)."""
+    for p in path.parent.glob(f".{path.name}.tmp*"):
+        pid = p.name.rsplit(".tmp", 1)[-1]
+        if p != keep and pid.isdigit() and not _pid_alive(int(pid)):
+            try:
+                p.unlink()
+            except OSError:
+                pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: an existence check only
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 def previous_path(path: Path) -> Path:
@@ -129,6 +173,10 @@ def read_checkpoint(path: str | Path, *, verify: bool = True, prefixes: tuple[st
             keys = [k for k in f.keys() if prefixes is None or k.startswith(prefixes)]
             tensors = {k: f.get_tensor(k) for k in keys}
     except Exception as e:  # safetensors raises its own error types for truncated / garbage files
+        if _looks_pickled(path):
+            raise CheckpointError(f"{path} is a pickled PyTorch file, not a resnetlab checkpoint: it is not opened, "
+                                  "since unpickling can run code (to start from its weights: resnetlab finetune "
+                                  "--pretrained FILE, which reads tensors only)") from None
         raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
                               " (truncated or not a safetensors file)") from None
     if header.get("format") != FORMAT:
@@ -140,6 +188,16 @@ def read_checkpoint(path: str | Path, *, verify: bool = True, prefixes: tuple[st
     except (KeyError, json.JSONDecodeError):
         raise CheckpointError(f"checkpoint {path} has no readable resnetlab metadata") from None
     return tensors, meta
+
+
+def _looks_pickled(path: Path) -> bool:
+    """A ``torch.save`` zip archive or a raw pickle (protocol 2+), judged by the first bytes only."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return head == b"PK" or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def read_latest(path: str | Path, log=print) -> tuple[dict[str, torch.Tensor], dict, Path]:
@@ -155,6 +213,28 @@ def read_latest(path: str | Path, log=print) -> tuple[dict[str, torch.Tensor], d
         log(f"warning: {first}; using the previous checkpoint {prev.name}")
         tensors, meta = read_checkpoint(prev)
         return tensors, meta, prev
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """``model.load_state_dict(state)``; a one-line CheckpointError naming ``path`` when they do not fit (another
+    number of classes or channels, another architecture) instead of PyTorch's multi-line RuntimeError."""
+    own = model.state_dict()
+    shapes = [(k, list(state[k].shape), list(v.shape)) for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if shapes or missing or unexpected:
+        parts = []
+        if shapes:
+            k, theirs, ours = shapes[0]
+            parts.append(f"{len(shapes)} tensor(s) of another shape, e.g. {k}: {theirs} in the file, {ours} in the "
+                         "model")
+        if missing:
+            parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+        raise CheckpointError(f"checkpoint {path} does not fit the model: {'; '.join(parts)}")
+    model.load_state_dict(state)
 
 
 def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

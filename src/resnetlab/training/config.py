@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -215,6 +217,8 @@ def coerce(cls, key: str, value):
             if not isinstance(value, (list, tuple)):
                 raise ValueError
             value = [inner(v) for v in value]
+            if inner is float and not all(math.isfinite(v) for v in value):
+                raise ValueError
         elif base is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
@@ -223,9 +227,11 @@ def coerce(cls, key: str, value):
             if isinstance(value, bool):
                 raise ValueError
             value = float(value)
-            if value != value:  # NaN
+            if not math.isfinite(value):  # NaN, inf: never a meaningful setting
                 raise ValueError
         elif base is str:
+            if isinstance(value, os.PathLike):  # data=Path(...), out=tmp_path / "run"
+                value = os.fspath(value)
             if not isinstance(value, (str, int, float)):
                 raise ValueError
             value = str(value)
@@ -251,15 +257,18 @@ def load_yaml(path: str | Path) -> dict:
     """Read a YAML mapping of config keys; a one-line ValueError names the file and the problem."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ValueError(f"cannot read config {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"cannot read config {path}: not a UTF-8 text (YAML) file") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ValueError(f"bad YAML in {path}{where}: {getattr(e, 'problem', None) or e}") from None
+        what = getattr(e, "problem", None) or " ".join(str(e).split())  # one line, whatever the error type
+        raise ValueError(f"bad YAML in {path}{where}: {what}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

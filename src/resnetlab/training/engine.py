@@ -13,6 +13,7 @@ Speed tricks (bf16 autocast, channels-last, compile, data on the device) sit beh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from resnetlab.data.loader import DeviceLoader
 from resnetlab.data.pipeline import Pipeline
 from resnetlab.training import checkpoint as ckpt
+from resnetlab.training import distributed
 from resnetlab.training.config import TrainConfig
 from resnetlab.training.evaluate import Predictions, predict_loader
 from resnetlab.training.optim import build_optimizer, lr_at, param_groups, set_lr, stage_of
@@ -35,7 +37,11 @@ from resnetlab.training.precision import Precision
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss or the weights became NaN or infinite; training stops and the last good checkpoint is kept."""
+
+
+class _StopRequested(KeyboardInterrupt):
+    """SIGTERM (or, under torchrun, SIGINT) seen by some rank, agreed on by all at an optimizer-step boundary."""
 
 
 @dataclass
@@ -77,14 +83,22 @@ class Trainer:
     in_chans, model_overrides, classes); the trainer adds the pipeline config and the counters.
     ``phases`` (fine-tuning) split the epochs into spans with their own frozen parts and learning rates;
     by default one phase trains everything.
+
+    Under torchrun (see ``distributed.py``) the model is trained through DistributedDataParallel, built again
+    at each phase; ``self.model`` stays the plain module that is validated and saved. ``is_main`` (default:
+    rank 0) is the process that writes files. ``cfg.accum_steps`` batches make one optimizer step.
     """
 
     def __init__(self, model: nn.Module, pipeline: Pipeline, train_loader: DeviceLoader,
                  val_loader: DeviceLoader | None, cfg: TrainConfig, run_dir: str | Path, meta: dict,
-                 prec: Precision, *, phases: list[Phase] | None = None, log=print, is_main: bool = True):
+                 prec: Precision, *, phases: list[Phase] | None = None, log=print, is_main: bool | None = None):
         self.model = model.to(prec.device)
         if prec.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.distributed = distributed.is_enabled()
+        self.rank = distributed.rank()
+        if cfg.sync_bn:  # before the EMA copy, the optimizer and DDP; a no-op in a single process
+            self.model = distributed.convert_sync_batchnorm(self.model, prec.device)
         self.pipeline = pipeline.to(prec.device)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.cfg = cfg
@@ -92,19 +106,24 @@ class Trainer:
         self.meta = dict(meta)
         self.prec = prec
         self.log = log
-        self.is_main = is_main
+        self.is_main = distributed.is_main() if is_main is None else is_main
         self.phases = phases or [Phase("train", cfg.epochs)]
         self.total_epochs = sum(p.epochs for p in self.phases)
         self.steps_per_epoch = len(train_loader)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        self.aug_gen = torch.Generator(device=prec.device).manual_seed(cfg.seed + 1)
+        # each rank its own augmentation stream; rank 0's is the single-process one
+        self.aug_gen = torch.Generator(device=prec.device).manual_seed(cfg.seed + 1 + 1000 * self.rank)
         self.scaler = prec.scaler()
         self.ema = None
         if cfg.ema > 0:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+        self.ddp: nn.Module | None = None  # DistributedDataParallel(self.model), built by _enter_phase
         self.forward_model = torch.compile(self.model) if cfg.compile else self.model
+        self._accum = (0, 1)  # (index in its accumulation group, group size) of the next train_step's batch
+        self._saved_step = 0  # self.step at the latest save of checkpoints/last (for checkpoint_every)
+        self._last_saved: str | None = None  # where that checkpoint stands, for the divergence message
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.best_acc, self.best_epoch = -1.0, -1
         self.history: list[dict] = []
@@ -137,15 +156,23 @@ class Trainer:
         self.opt = build_optimizer(groups, self.cfg.optimizer, lr, self.cfg.momentum)
         self.base_lr = lr
         self._phase_index = index
+        if self.distributed:  # DDP replicates the parameters trainable in this phase (a collective: every rank)
+            self.ddp = distributed.wrap_ddp(self.model, self.prec.device)
+            self.forward_model = torch.compile(self.ddp) if self.cfg.compile else self.ddp
         if len(self.phases) > 1:
             n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             self.log(f"phase {phase.name}: {phase.epochs} epochs, {n_train:,} trainable parameters, lr {lr:g}")
 
     def _set_train_mode(self, phase: Phase) -> None:
-        self.model.train()
-        if phase.frozen_bn:  # the backbone's BN layers use and keep their (pretrained) running statistics
-            for name, m in self.model.named_modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and not name.startswith("fc"):
+        (self.ddp if self.ddp is not None else self.model).train()
+        # BN layers that keep their (pretrained) running statistics, in eval mode: the whole backbone's with
+        # frozen_bn, and always those of frozen parts, so a frozen stage is frozen whole (as timm's freeze does).
+        # Affine-free BN (res8/15/26) has no parameters to match the patterns: its buffer's name stands in.
+        import fnmatch
+
+        for name, m in self.model.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not name.startswith("fc"):
+                if phase.frozen_bn or any(fnmatch.fnmatch(f"{name}.running_mean", p) for p in phase.freeze):
                     m.eval()
 
     # --- checkpoints ---------------------------------------------------------------------------------
@@ -157,8 +184,38 @@ class Trainer:
     def _model_tensors(self, model: nn.Module, prefix: str = "model.") -> dict[str, torch.Tensor]:
         return {prefix + k: v for k, v in ckpt.unwrap(model).state_dict().items()}
 
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        state = {"torch": torch.get_rng_state(), "aug": self.aug_gen.get_state()}
+        if self.prec.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.prec.device)
+        return state
+
+    def _position(self) -> str:
+        if self.batch_in_epoch:
+            return f"epoch {self.epoch + 1}, batch {self.batch_in_epoch}"
+        return f"end of epoch {self.epoch}" if self.epoch else "start"
+
+    def _kept(self) -> str:
+        if self._last_saved is None:
+            return "no checkpoint was written before it"
+        return f"training stopped; checkpoints/last ({self._last_saved}) is kept"
+
+    def _check_finite(self) -> None:
+        """TrainingDiverged if a weight or buffer is NaN or infinite, so such a model is never saved."""
+        state = {k: v for k, v in self.model.state_dict().items() if v.is_floating_point()}
+        ok = torch.stack([torch.isfinite(v).all() for v in state.values()]) if state else torch.ones(0, dtype=bool)
+        if not bool(ok.all()):
+            name = next(k for k, good in zip(state, ok.tolist()) if not good)
+            raise TrainingDiverged(f"{name} became NaN or infinite at epoch {self.epoch + 1}, step {self.step}: lower "
+                                   f"--lr or turn on --grad-clip; {self._kept()}")
+
     def save_last(self) -> None:
+        """Write ``checkpoints/last`` (rank 0; under torchrun every rank must call it: it gathers RNG states)."""
+        self._check_finite()
+        rng = distributed.all_gather_object(self._rng_state()) if self.distributed else [self._rng_state()]
         if not self.is_main:
+            self._saved_step, self._last_saved = self.step, self._position()
+            distributed.barrier()
             return
         tensors = self._model_tensors(self.model)
         meta = self._meta()
@@ -169,12 +226,14 @@ class Trainer:
             opt_tensors, opt_info = ckpt.flatten_optimizer(self.opt)
             tensors.update(opt_tensors)
             meta["optimizer"] = opt_info
-        tensors["rng.torch"] = torch.get_rng_state()
-        tensors["rng.aug"] = self.aug_gen.get_state()
-        if self.prec.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.prec.device)
+        for r, state in enumerate(rng):  # rank 0's as rng.torch, rng.aug, rng.cuda; rank r's as rng.rankR.*
+            prefix = "rng." if r == 0 else f"rng.rank{r}."
+            tensors.update({prefix + k: v for k, v in state.items()})
         meta["history"] = self.history
+        meta["world_size"] = len(rng)
         ckpt.save_checkpoint(self.run_dir / "checkpoints" / "last.safetensors", tensors, meta)
+        self._saved_step, self._last_saved = self.step, self._position()
+        distributed.barrier()
 
     def save_best(self, model: nn.Module) -> None:
         if self.is_main:
@@ -187,7 +246,7 @@ class Trainer:
         if not path.exists() and not ckpt.previous_path(path).exists():
             return False
         tensors, meta, used = ckpt.read_latest(path, log=self.log)
-        ckpt.unwrap(self.model).load_state_dict(ckpt.strip_prefix(tensors, "model."))
+        ckpt.load_weights(ckpt.unwrap(self.model), ckpt.strip_prefix(tensors, "model."), used)
         if self.ema is not None and any(k.startswith("ema.") for k in tensors):
             self.ema.module.load_state_dict(ckpt.strip_prefix(tensors, "ema."))
             self.ema.n_averaged.copy_(tensors["ema_n_averaged"].reshape(()).to(self.ema.n_averaged.device))
@@ -202,14 +261,17 @@ class Trainer:
             self._enter_phase(phase_index)
             if "optimizer" in meta:
                 self.opt.load_state_dict(ckpt.unflatten_optimizer(tensors, meta["optimizer"]))
-        torch.set_rng_state(tensors["rng.torch"])
-        self.aug_gen.set_state(tensors["rng.aug"])
-        if "rng.cuda" in tensors and self.prec.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.prec.device)
+        prefix = "rng." if self.rank == 0 else f"rng.rank{self.rank}."
+        if prefix + "aug" in tensors:  # absent when a run resumes with more processes: fresh seeded streams
+            torch.set_rng_state(tensors[prefix + "torch"])
+            self.aug_gen.set_state(tensors[prefix + "aug"])
+            if prefix + "cuda" in tensors and self.prec.device.type == "cuda":
+                torch.cuda.set_rng_state(tensors[prefix + "cuda"], self.prec.device)
         norms = self.run_dir / "grad_norms.jsonl"
-        if norms.exists():  # drop records of steps that the resumed run will redo
-            kept = [ln for ln in norms.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < self.step]
+        if norms.exists() and self.is_main:  # drop records of steps that the resumed run will redo
+            kept = [ln for ln in norms.read_text().splitlines() if 0 <= _step_of(ln) < self.step]
             _write_atomic(norms, "".join(ln + "\n" for ln in kept))
+        self._saved_step, self._last_saved = self.step, self._position()
         self.log(f"resumed from {used} at epoch {self.epoch + 1}, batch {self.batch_in_epoch}")
         return True
 
@@ -225,21 +287,40 @@ class Trainer:
         return {s: math.sqrt(sq[s]) for s in order if s in sq}
 
     def train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[float, float, int]:
+        """Forward and backward of one batch, then the optimizer step if the batch ends its accumulation group
+        (always without accumulation). Returns this rank's ``(loss x samples, correct, samples)``."""
+        index, size = self._accum
+        final = index == size - 1
         x, y = self.pipeline(xb, yb, train=True, generator=self.aug_gen)
         x = self.prec.format_input(x)
-        with self.prec.autocast():
-            logits = self.forward_model(x)
-        loss = self.criterion(logits.float(), y)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"loss is {loss.item()} at epoch {self.epoch + 1}, step {self.step}: "
-                                   "lower --lr or turn on --grad-clip; the last good checkpoint is kept")
-        self.opt.zero_grad(set_to_none=True)
+        # DDP all-reduces the gradients during backward; before a group's last batch they only accumulate locally
+        no_sync = self.ddp.no_sync() if self.ddp is not None and not final else contextlib.nullcontext()
+        with no_sync:
+            with self.prec.autocast():
+                logits = self.forward_model(x)
+            loss = self.criterion(logits.float(), y)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"loss is {loss.item()} at epoch {self.epoch + 1}, step {self.step}: "
+                                       f"lower --lr or turn on --grad-clip; {self._kept()}")
+            if index == 0:
+                self.opt.zero_grad(set_to_none=True)
+            scaled = loss / size if size > 1 else loss  # the group's gradient is the mean over its batches
+            if self.scaler is not None:
+                self.scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+        if final:
+            self._optimizer_step()
+        with torch.no_grad():
+            correct = _soft_accuracy(logits.float(), y)
+        return float(loss.detach()) * len(xb), float(correct), len(xb)
+
+    def _optimizer_step(self) -> None:
+        """Unscale, record gradient norms, clip, step, update the EMA: the end of an accumulation group."""
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.opt)
-        else:
-            loss.backward()
-        if self.cfg.grad_norm_every and self.step % self.cfg.grad_norm_every == 0 and self.is_main:
+        group_step = self.step // self.cfg.accum_steps
+        if self.cfg.grad_norm_every and group_step % self.cfg.grad_norm_every == 0 and self.is_main:
             norms = self._grad_norms()
             with open(self.run_dir / "grad_norms.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.step, "epoch": self.epoch + self.batch_in_epoch /
@@ -253,9 +334,6 @@ class Trainer:
             self.opt.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
-        with torch.no_grad():
-            correct = _soft_accuracy(logits.float(), y)
-        return float(loss.detach()) * len(xb), float(correct), len(xb)
 
     def validate(self, model: nn.Module) -> Predictions | None:
         if self.val_loader is None:
@@ -263,16 +341,25 @@ class Trainer:
         return predict_loader(model, self.pipeline, self.val_loader, self.prec)
 
     def fit(self) -> FitResult:
-        """Train all phases; returns the best validation accuracy. Ctrl-C saves ``last`` first."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+        """Train all phases; returns the best validation accuracy. Ctrl-C saves ``last`` first.
+
+        ``checkpoints/last`` is saved at the end of every epoch, every ``cfg.checkpoint_every`` batches and on
+        SIGTERM / Ctrl-C; a run killed outright resumes from the latest one (``cfg.resume``) as if uninterrupted.
+        """
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "checkpoints").mkdir(exist_ok=True)
         if self.cfg.resume:
             self.resume()
+            if self.is_main and self.history:  # a run killed between saving last and rewriting metrics.jsonl
+                self._write_metrics()
         t_start = time.perf_counter()
         interrupted = False
-        old_handler = None
-        if self.is_main:
-            old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        old_handlers = {}
+        if self.is_main or self.distributed:
+            # under torchrun Ctrl-C reaches every rank: stop them all at the same step boundary, then save
+            for sig in (signal.SIGTERM, signal.SIGINT) if self.distributed else (signal.SIGTERM,):
+                old_handlers[sig] = signal.signal(sig, self._on_sigterm)
         # Bars on a terminal; in logs and pipes (or --quiet) one line per epoch instead.
         bars = not self.cfg.quiet and self.is_main and sys.stderr.isatty()
         epoch_bar = tqdm(total=self.total_epochs, initial=self.epoch, desc="epochs", unit="ep",
@@ -295,20 +382,39 @@ class Trainer:
                 bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch, leave=False, unit="batch",
                            desc=f"epoch {self.epoch + 1}/{self.total_epochs}", dynamic_ncols=True,
                            disable=not bars)
+                accum, first_batch = self.cfg.accum_steps, self.batch_in_epoch
+                group = (0.0, 0.0, 0.0)  # this rank's sums over the batches of the current accumulation group
                 for xb, yb in self.train_loader.epoch(self.epoch, self.batch_in_epoch):
-                    phase_step = (self.epoch - phase_start) * self.steps_per_epoch + self.batch_in_epoch
+                    # groups of accum_steps batches from each epoch's start; the epoch's last may be shorter (and the
+                    # first after a resume inside a group, which only a hard Ctrl-C can leave)
+                    b = self.batch_in_epoch
+                    g_end = min(b - b % accum + accum, self.steps_per_epoch)
+                    g_start = max(b - b % accum, first_batch)
+                    self._accum = (b - g_start, g_end - g_start)
+                    # the schedule counts batches; a group steps with the lr of its first (as one big batch would)
+                    phase_step = (self.epoch - phase_start) * self.steps_per_epoch + b - b % accum
                     lr = set_lr(self.opt, self.base_lr, lr_at(phase_step, phase_steps, warmup, self.cfg.schedule))
                     l_sum, c, n = self.train_step(xb, yb)
-                    loss_sum, correct, seen = loss_sum + l_sum, correct + c, seen + n
-                    self.epoch_sums = (loss_sum, correct, seen)
+                    group = (group[0] + l_sum, group[1] + c, group[2] + n)
                     self.step += 1
                     self.batch_in_epoch += 1
-                    elapsed = time.perf_counter() - t0
                     bar.update(1)
+                    if self.batch_in_epoch < g_end:
+                        continue  # the optimizer steps with the group's last batch; stops and saves wait for it
+                    totals = [*group, float(self._stop_requested)]
+                    if self.distributed:  # every rank's sums, and one decision to stop
+                        totals = distributed.all_reduce_sum(totals, self.prec.device)
+                    group = (0.0, 0.0, 0.0)
+                    loss_sum, correct, seen = loss_sum + totals[0], correct + totals[1], seen + totals[2]
+                    self.epoch_sums = (loss_sum, correct, seen)
+                    elapsed = time.perf_counter() - t0
                     bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
                                     lr=f"{lr:.3g}", ips=f"{(seen - seen_before) / max(elapsed, 1e-9):.0f}/s")
-                    if self._stop_requested:
-                        raise KeyboardInterrupt
+                    if totals[3]:
+                        raise _StopRequested
+                    if (self.cfg.checkpoint_every and self.step - self._saved_step >= self.cfg.checkpoint_every
+                            and self.batch_in_epoch < self.steps_per_epoch):  # the epoch's end saves anyway
+                        self.save_last()
                 bar.close()
                 train_seconds = time.perf_counter() - t0
                 record = self._end_epoch(loss_sum, correct, seen, train_seconds, lr, seen - seen_before)
@@ -317,14 +423,18 @@ class Trainer:
                                       best=f"{self.best_acc:.4f}")
                 if not bars and self.is_main:
                     self.log(_epoch_line(record, self.total_epochs))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             interrupted = True
-            self.log(f"\ninterrupted at epoch {self.epoch + 1}, batch {self.batch_in_epoch}: saving checkpoints/last")
-            self.save_last()
+            if self.distributed and not isinstance(e, _StopRequested):  # ranks stopped at different points
+                self.log(f"\ninterrupted at epoch {self.epoch + 1}: checkpoints/last ({self._last_saved}) is kept")
+            else:
+                self.log(f"\ninterrupted at epoch {self.epoch + 1}, batch {self.batch_in_epoch}: "
+                         "saving checkpoints/last")
+                self.save_last()
         finally:
             epoch_bar.close()
-            if old_handler is not None:
-                signal.signal(signal.SIGTERM, old_handler)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
         return FitResult(self.run_dir, self.best_acc, self.best_epoch, self.epoch,
                          time.perf_counter() - t_start, interrupted, self.history)
 
@@ -336,6 +446,11 @@ class Trainer:
         """``seen`` samples in the epoch, of which ``timed`` in ``seconds`` (fewer after a mid-epoch resume)."""
         record = {"epoch": self.epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
                   "lr": lr, "seconds": round(seconds, 3), "samples_per_s": round(timed / max(seconds, 1e-9), 1)}
+        self._check_finite()  # weights that diverged on the epoch's last step are never validated or saved
+        if self.distributed:  # rank 0's BN statistics everywhere: every rank validates the model rank 0 saves
+            distributed.broadcast_buffers(self.model)
+            if self.ema is not None:  # (its n_averaged is the same everywhere, and may sit on the CPU)
+                distributed.broadcast_buffers(self.ema.module)
         candidates = []
         pred = self.validate(self.model)
         if pred is not None:
@@ -358,15 +473,27 @@ class Trainer:
             self.save_best(model)
         record["best_acc"] = self.best_acc
         self.save_last()
-        if self.is_main:  # rewritten from the checkpointed history, so a resumed run never duplicates a line
-            _write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+        if self.is_main:
+            self._write_metrics()
         return record
+
+    def _write_metrics(self) -> None:
+        """metrics.jsonl from the checkpointed history, so a resumed run never duplicates or loses a line."""
+        _write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
 
 
 def _epoch_line(r: dict, total: int) -> str:
     val = f" val_loss {r['val_loss']:.4f} val_acc {r['val_acc']:.4f}" if "val_acc" in r else ""
     return (f"epoch {r['epoch']}/{total}: train_loss {r['train_loss']:.4f} train_acc {r['train_acc']:.4f}{val}"
             f" lr {r['lr']:.4g} {r['seconds']:.1f}s {r['samples_per_s']:.0f}/s")
+
+
+def _step_of(line: str) -> int:
+    """The step of a grad_norms.jsonl line; -1 for a blank or torn one (a process killed mid-write)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return -1
 
 
 def _write_atomic(path: Path, text: str) -> None:
