@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench clean browser-deps
 
 setup: $(STAMP)
 
@@ -21,7 +21,14 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 
-test: setup lint
+# The serve page's end-to-end test drives Debian's Chromium (Playwright's own browser download needs a network
+# this project does not have). Installed when apt is there and we are root; otherwise that test skips, saying so.
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
+	  echo "note: chromium not installed; the browser test of 'resnetlab serve' will be skipped"
+
+test: setup lint browser-deps
 	$(PY) -m pytest -q
 
 test-fast: setup
