@@ -192,6 +192,9 @@ def export_model(run_or_checkpoint: str | os.PathLike, fmt: str = "onnx", out: s
     info = export_metadata(meta, fmt=fmt, dynamic_batch=dynamic_batch, batch=1,
                            opset=opset if fmt == "onnx" else None)
     path = Path(out) if out else default_export_path(Path(meta["checkpoint"]), fmt)
+    if export_format_of(path) != fmt:  # loaders tell the format by the name
+        raise ValueError(f"--out {path}: a {fmt} file needs a name ending in {SUFFIXES[fmt]}"
+                         + (" (any ending but .onnx and .pt2)" if fmt == "torchscript" else ""))
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx":
         _export_onnx(module, x, path, info, dynamic_batch, opset)
@@ -244,7 +247,10 @@ def _export_torchscript(module: nn.Module, x: torch.Tensor, path: Path, info: di
 def _export_program(module: nn.Module, x: torch.Tensor, path: Path, info: dict, dynamic_batch: bool) -> None:
     with torch.no_grad():
         program = torch.export.export(module, (x,), dynamic_shapes=_dynamic_shapes(dynamic_batch))
-    _atomic_write(path, lambda tmp: torch.export.save(program, str(tmp), extra_files={META_FILE: json.dumps(info)}))
+    with warnings.catch_warnings():  # about constants that share storage (the audio front-end's); harmless on CPU
+        warnings.filterwarnings("ignore", message="No complete tensor found")
+        _atomic_write(path, lambda tmp: torch.export.save(program, str(tmp),
+                                                          extra_files={META_FILE: json.dumps(info)}))
 
 
 def _atomic_write(path: Path, write) -> None:

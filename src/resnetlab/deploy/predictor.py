@@ -8,13 +8,18 @@ Backends (``backend=``), all fed the same decoded input (uint8 images, float wav
 
 - ``"eager"``: PyTorch fp32, channels-last for 2-D nets.
 - ``"bf16"``: on a CPU, a bfloat16 copy of the network (weights and activations), channels-last; the audio
-  front-end stays fp32. On CUDA, autocast (bf16, or fp16 where bf16 is missing). Probabilities differ from
-  fp32 by about 1e-2; the top-1 label rarely does.
+  front-end stays fp32. On CUDA, autocast (bf16, or fp16 where bf16 is missing). bf16 keeps 8 bits of
+  mantissa: probabilities move (by a few 1e-2 on the tests' small nets, up to 0.4 on an untrained ResNet-50
+  whose classes are near-ties), and so may a top-1 label that was a near-tie.
 - ``"onnxruntime"``: the model exported to ONNX with its preprocessing (dynamic batch), cached by checkpoint
   hash under the resnetlab cache, run by onnxruntime's CPU provider. fp32: matches eager to ~1e-5.
 - ``"auto"``: on CUDA ``bf16``; on a CPU ``onnxruntime`` when it is installed, else ``bf16`` where the CPU has
-  native bf16 (AVX512-BF16 / AMX), else ``eager``. Chosen from ``benchmarks/bench_inference.py`` (BENCHMARKS.md,
-  "Inference"): on the project's AVX512-BF16 CPUs onnxruntime is the fastest at batch 1 and 32 for ResNet-50.
+  native bf16 (AVX512-BF16 / AMX), else ``eager``. From ``benchmarks/bench_inference.py`` (BENCHMARKS.md,
+  "Inference"), ResNet-50 at 224 on the project's 2-core AVX512-BF16 CPUs: onnxruntime is 1.6x (batch 1) and
+  2.2x (batch 32) torchvision's eager fp32 with one thread, more with two, and keeps fp32 results. bf16 is as
+  fast or faster at batch 32 but moves probabilities by up to several 0.1 on an untrained ResNet-50, and
+  ``torch.compile`` (fastest at batch 32) compiles for minutes per batch shape, which a server that forms
+  batches of every size cannot afford; neither is the default.
 """
 
 from __future__ import annotations

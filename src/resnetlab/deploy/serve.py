@@ -272,12 +272,21 @@ class Handler(BaseHTTPRequestHandler):
         if n < 0:
             raise RequestError(400, f"bad Content-Length {length!r}")
         if n > self.server.max_upload:
+            if n <= max(4 * self.server.max_upload, 32 * 2**20):
+                self._discard(n)  # read it, so the client gets to read the answer (not a reset mid-upload)
             raise RequestError(413, f"upload too large: {n:,} bytes, limit {self.server.max_upload:,} "
                                     f"({self.server.max_upload / 2**20:g} MiB)")
         body = self.rfile.read(n)
         if len(body) != n:
             raise RequestError(400, f"body ended after {len(body):,} of {n:,} bytes")
         return body
+
+    def _discard(self, n: int) -> None:
+        while n > 0:
+            chunk = self.rfile.read(min(n, 1 << 16))
+            if not chunk:
+                return
+            n -= len(chunk)
 
     def _predict(self, query: dict) -> dict:
         pred = self.server.predictor
