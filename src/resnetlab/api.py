@@ -113,6 +113,8 @@ def prepare_run(cfg: TrainConfig, log=print):
     """Data, resolved config, pipeline and model for a run (shared by train and finetune)."""
     if not cfg.data:
         raise ValueError("no data: pass --data PATH (a folder, a CSV manifest, or builtin:digits)")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     device = distributed.setup(pick_device(cfg.device))  # under torchrun: join the group, take this rank's GPU
     log = distributed.main_only(log)
     torch.manual_seed(cfg.seed)
@@ -409,11 +411,11 @@ def finetune(data: str | None = None, *, pretrained: str | None = None, config=N
         raise ValueError("no pretrained weights: pass --pretrained FILE_OR_NAME (e.g. a resnetlab run's "
                          "checkpoints/best.safetensors, a torchvision .pth, or torchvision:resnet50)")
     cw = read_pretrained(cfg.pretrained)
-    user_lr = cfg.lr
     cfg.arch = _architecture(cw, cfg.arch)[0]
+    # The default lr is the from-scratch one: the new head needs it, and every strategy already lowers the
+    # pretrained layers' rates (discriminative multipliers, lp-ft's tenth). A further quarter of it left the heads
+    # of few-sample runs untrained (BENCHMARKS.md, "Fine-tuning").
     cfg, device, prepared, pipeline = prepare_run(cfg, log)
-    if user_lr is None:  # fine-tuning moves pretrained weights a little: a quarter of the from-scratch rate
-        cfg.lr = cfg.lr / 4
     name, model, overrides, report = _finetune_model(cfg, prepared, pipeline, cw, log)
     phases = make_phases(cfg.strategy, model, cfg.epochs, head_epochs=cfg.head_epochs, lr=cfg.lr,
                          lr_decay=cfg.lr_decay, freeze_bn=cfg.freeze_bn)

@@ -65,19 +65,21 @@ def choose_image_facts(spec: DatasetSpec, img_size: int | None, channels: int | 
     return {"img_size": int(side), "channels": int(ch), "native_size": [probe["height"], probe["width"]]}
 
 
-def choose_audio_facts(spec: DatasetSpec, sample_rate: int, duration: float | None) -> dict:
+def choose_audio_facts(spec: DatasetSpec, sample_rate: int | None, duration: float | None) -> dict:
     from resnetlab.data.audio import default_duration, probe_audio
 
     probe = probe_audio([p for p, _ in spec.train])
     dur = duration or default_duration(probe)
     if not (0.05 <= dur <= 60):
         raise DataError(f"--duration must be between 0.05 and 60 s, got {dur}")
+    if not sample_rate:  # the data's own rate, capped at 16 kHz (speech carries little above 8 kHz)
+        sample_rate = min(int(probe.get("sample_rate") or 16000), 16000)
     return {"sample_rate": int(sample_rate), "duration": float(dur), "num_samples": int(round(dur * sample_rate)),
             "native_sample_rate": probe.get("sample_rate")}
 
 
 def prepare_data(data: str, *, modality_facts: dict | None = None, val_fraction: float = 0.1, seed: int = 0,
-                 img_size: int | None = None, channels: int | None = None, sample_rate: int = 16000,
+                 img_size: int | None = None, channels: int | None = None, sample_rate: int | None = None,
                  duration: float | None = None, cache_dir: str | None = None, strict: bool = False,
                  progress: bool = True, classes: list[str] | None = None, stream: bool | None = None,
                  max_cache_gb: float = 64.0, log=print) -> PreparedData:

@@ -85,7 +85,8 @@ class TrainConfig:
     batch_size: int | None = _opt(None, "batch size (default: from the dataset size)", check=AT_LEAST_ONE)
     optimizer: str = _opt("sgd", "optimizer", ("sgd", "adamw"))
     lr: float | None = _opt(None, "peak learning rate (default: images 0.2 x batch/256 SGD, 2e-3 x batch/256 "
-                                       "AdamW; audio 0.1 SGD, 2e-3 AdamW; fine-tuning a quarter of that)",
+                                       "AdamW; audio 0.1 SGD, 2e-3 AdamW; fine-tuning the same, lowered for the "
+                                       "pretrained layers by the strategy)",
                             check=POSITIVE)
     momentum: float = _opt(0.9, "SGD momentum (Nesterov)", check=FRACTION)
     weight_decay: float | None = _opt(None, "weight decay, not applied to norms and biases "
@@ -113,7 +114,9 @@ class TrainConfig:
     std: list[float] | None = _opt(None, "per-channel std for normalisation (default: measured on the data)",
                                    group="augmentation")
     # audio
-    sample_rate: int = _opt(16000, "audio: target sample rate in Hz", group="audio", check=AT_LEAST_ONE)
+    sample_rate: int | None = _opt(None, "audio: target sample rate in Hz (default: the data's own rate, at most "
+                                         "16000; upsampling only adds empty mel bands)", group="audio",
+                                   check=AT_LEAST_ONE)
     duration: float | None = _opt(None, "audio: clip length in seconds (default: from the data)", group="audio",
                                   check=POSITIVE)
     features: str = _opt("logmel", "audio: front-end", ("logmel", "mfcc"), group="audio")
@@ -121,7 +124,8 @@ class TrainConfig:
     win_ms: float = _opt(25.0, "audio: analysis window in ms", group="audio", check=POSITIVE)
     hop_ms: float = _opt(10.0, "audio: hop in ms", group="audio", check=POSITIVE)
     time_shift_ms: float = _opt(100.0, "audio: random time shift, +- ms", group="audio", check=NON_NEGATIVE)
-    noise_prob: float = _opt(0.5, "audio: probability of mixing background noise into a clip", group="audio",
+    noise_prob: float = _opt(0.0, "audio: probability of mixing background noise into a clip (helps noisy "
+                                   "deployments; on small clean sets it costs accuracy)", group="audio",
                              check=PROBABILITY)
     noise_dir: str | None = _opt(None, "audio: folder of noise clips (default: generated noise)", group="audio")
     snr_db: list[float] = _opt([10.0, 30.0], "audio: SNR range of mixed noise, dB", group="audio")
@@ -134,6 +138,8 @@ class TrainConfig:
     channels_last: bool | None = _opt(None, "channels-last memory format for 2-D nets (default: on)", group="engine")
     compile: bool = _opt(False, "torch.compile the model", group="engine")
     seed: int = _opt(0, "random seed (data split, init, augmentation, order)", group="engine")
+    threads: int | None = _opt(None, "CPU threads for torch (default: torch's choice, one per core; 1 is much "
+                                     "faster for small models on a busy machine)", group="engine", check=Range(1))
     deterministic: bool = _opt(False, "deterministic algorithms (slower; bitwise-reproducible on CPU)",
                                group="engine")
     out: str | None = _opt(None, "run directory (default: runs/<date>-<arch>)", group="engine")
