@@ -11,8 +11,10 @@ never by position, so the same strategy works for any resnetlab model:
 * ``lp-ft``: linear probe, then full fine-tuning at a tenth of the learning rate, so the features are not
   distorted by a random head (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features").
 
-``freeze_bn=True`` keeps every backbone BatchNorm in eval mode with its pretrained statistics in every phase,
-the usual choice for small batches.
+A frozen part is frozen whole: the engine keeps its BatchNorm layers in eval mode, so their running statistics
+stay the pretrained ones too (in the head phases and in gradual unfreezing's still-frozen stages).
+``freeze_bn=True`` does the same for every backbone BatchNorm in every phase, trained parts included: the usual
+choice for small batches.
 """
 
 from __future__ import annotations
@@ -23,17 +25,30 @@ from resnetlab.training.engine import Phase
 
 STRATEGIES = ("linear-probe", "full", "staged", "gradual", "lp-ft")
 HEAD = ["fc.*"]
+HEAD_MODULES = ("fc", "dropout", "avgpool")  # after the body; only fc has parameters
 
 
 def stage_patterns(model: nn.Module) -> list[list[str]]:
-    """Parameter-name patterns from the input to the output: stem, each stage, the final norm (pre-act nets)."""
+    """Parameter-name patterns from the input to the output: the stem, then each stage.
+
+    Top-level modules registered before the first stage form the stem (``conv1``, ``bn1``); those after the
+    last stage (the final ``norm`` of pre-activation nets, the ``tail`` conv of res15) join the last stage.
+    The head (``fc``) is in none of the groups.
+    """
     stages = list(getattr(model, "stage_names", []))
-    tops = {name.split(".", 1)[0] for name, _ in model.named_parameters()}
-    stem = sorted(t for t in tops if t not in stages and t not in ("fc", "norm"))
+    tops: list[str] = []
+    for name, _ in model.named_parameters():  # registration order: input to output
+        top = name.split(".", 1)[0]
+        if top not in tops and top not in HEAD_MODULES:
+            tops.append(top)
+    if not stages:  # not a staged network: the whole body is one group
+        return [[f"{t}.*" for t in tops]] if tops else []
+    first = min((tops.index(s) for s in stages if s in tops), default=len(tops))
+    stem = [t for t in tops[:first] if t not in stages]
+    after = [t for t in tops[first:] if t not in stages]
     groups = [[f"{t}.*" for t in stem]] if stem else []
     groups += [[f"{s}.*"] for s in stages]
-    if "norm" in tops:
-        groups[-1] = groups[-1] + ["norm.*"]
+    groups[-1] = groups[-1] + [f"{t}.*" for t in after]
     return groups
 
 

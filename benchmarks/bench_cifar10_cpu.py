@@ -1,0 +1,189 @@
+"""CIFAR-10 on this CPU: the best test accuracy within a training budget (10 minutes; target >= 90%).
+
+``resnetlab.train(data=cifar10, ...)`` trains on the 50,000-image train split with the 10,000-image test split as
+validation. The number of epochs is fitted to the budget from a short calibration of the training step (so the
+one-cycle schedule ends inside it), and a timer stops training at the budget in any case (resnetlab's SIGTERM
+handling: the run saves and returns its best epoch). The budget counts training and per-epoch validation, from the
+first step; scan, cache build and the run report are reported beside it.
+
+Baseline, for scale: a calibration times resnetlab's training step against the same model's plain fp32 NCHW step
+(``torch.optim.SGD``, ready float input), interleaved; it says how many epochs each would fit in the budget.
+
+    .venv/bin/python benchmarks/bench_cifar10_cpu.py [--quick] [--budget-s 600] [--arch resnet20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import resnetlab  # noqa: E402
+from _common import (  # noqa: E402
+    add_threads_arg,
+    apply_threads,
+    dataset,
+    machine,
+    median,
+    print_machine,
+    record,
+    scratch,
+    verdict,
+)
+from resnetlab.data.image_pipeline import ImagePipeline  # noqa: E402
+from resnetlab.data.loader import DeviceLoader  # noqa: E402
+from resnetlab.data.prepare import prepare_data  # noqa: E402
+from resnetlab.models.registry import list_models, register_model  # noqa: E402
+from resnetlab.models.resnet import ResNet  # noqa: E402
+from resnetlab.training.config import TrainConfig  # noqa: E402
+from resnetlab.training.defaults import resolve  # noqa: E402
+from resnetlab.training.engine import Trainer  # noqa: E402
+from resnetlab.training.precision import pick_precision  # noqa: E402
+
+TARGET_ACC = 0.90
+N_TRAIN, N_VAL = 50_000, 10_000
+
+# Candidate faster configurations (registered for this process only; BENCHMARKS.md gives the register_model call).
+EXTRA_MODELS = {
+    # wide and shallow: 3x3 stem of 32, one basic block per stage, widths 64/128/256 at 16/8/4 px
+    "resnet8_wide": {"block": "basic", "layers": [1, 1, 1], "widths": [64, 128, 256], "strides": [2, 2, 2],
+                     "stem": "cifar", "stem_width": 32},
+}
+
+RECIPE = {"batch_size": 256, "lr": 0.4, "label_smoothing": 0.1, "warmup_epochs": 0.5, "weight_decay": 5e-4}
+
+
+def register_extra() -> None:
+    for name, cfg in EXTRA_MODELS.items():
+        if name not in list_models():
+            register_model(name, ResNet, cfg, "wide, shallow CIFAR ResNet (benchmarks)", "He et al. 2015", (3, 32, 32))
+
+
+def calibrate(arch: str, x: np.ndarray, y: np.ndarray, batch: int, steps: int, tmp: Path) -> dict:
+    """Seconds per training step: resnetlab's Trainer.train_step vs a plain fp32 NCHW loop, interleaved."""
+    cfg = resolve(TrainConfig(data="cifar10", arch=arch, batch_size=batch, epochs=1, out=str(tmp), **{
+        k: v for k, v in RECIPE.items() if k != "batch_size"}), modality="image",
+        facts={"img_size": 32, "channels": 3}, n_train=len(y), device_type="cpu")
+    pipe = ImagePipeline((32, 32), 3, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26], 10, crop_pad=cfg.crop_pad)
+    prec = pick_precision(torch.device("cpu"), "auto", None, 2)
+    loader = DeviceLoader(x, y, batch, shuffle=True, drop_last=True)
+    trainer = Trainer(resnetlab.create_model(arch, num_classes=10), pipe, loader, None, cfg, tmp, {}, prec,
+                      log=lambda m: None)
+    trainer._enter_phase(0)
+    trainer.model.train()
+    base = resnetlab.create_model(arch, num_classes=10)
+    opt = torch.optim.SGD(base.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    batches = []
+    for xb, yb in loader.epoch(0):
+        batches.append((xb, yb, pipe(xb, yb, train=False)[0]))
+        if len(batches) == 4:
+            break
+
+    def lab(i):
+        xb, yb, _ = batches[i % 4]
+        trainer.train_step(xb, yb)
+        trainer.step += 1
+
+    def plain(i):
+        _, yb, xf = batches[i % 4]
+        loss = torch.nn.functional.cross_entropy(base(xf), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for i in range(2):
+        lab(i)
+        plain(i)
+    t_lab, t_plain = [], []
+    for i in range(steps):
+        for fn, acc in ((lab, t_lab), (plain, t_plain)) if i % 2 else ((plain, t_plain), (lab, t_lab)):
+            t = time.perf_counter()
+            fn(i)
+            acc.append(time.perf_counter() - t)
+    return {"resnetlab_step_s": round(median(t_lab), 4), "plain_fp32_step_s": round(median(t_plain), 4),
+            "resnetlab_img_s": round(batch / median(t_lab), 1), "plain_fp32_img_s": round(batch / median(t_plain), 1),
+            "speedup": round(median(t_plain) / median(t_lab), 3)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a 2-minute budget (smoke run)")
+    ap.add_argument("--budget-s", type=float, default=None, help="training budget, seconds (default 600; quick 120)")
+    ap.add_argument("--arch", default="resnet20", help="model name (resnet20, or resnet8_wide registered here)")
+    ap.add_argument("--epochs", type=int, default=None, help="fix the epochs instead of fitting them to the budget")
+    add_threads_arg(ap)
+    args = ap.parse_args(argv)
+    apply_threads(args.threads)
+    budget = args.budget_s or (120.0 if args.quick else 600.0)
+    info = machine()
+    print_machine(info)
+    register_extra()
+    data = dataset("cifar10")
+    cache = scratch("cifar10-cpu-cache")
+    runs = scratch("cifar10-cpu-runs")
+    t0 = time.perf_counter()
+    prepared = prepare_data(str(data), cache_dir=str(cache), progress=False, log=lambda m: None)
+    cache_s = round(time.perf_counter() - t0, 1)
+    print(f"cache build (cold, {len(prepared.train)} train + {len(prepared.val)} test JPEGs): {cache_s} s", flush=True)
+
+    cal = calibrate(args.arch, prepared.train.x, prepared.train.y, RECIPE["batch_size"], 4 if args.quick else 8,
+                    runs / "calibration")
+    # an epoch = its steps + validation (forward only, about a third of a step per image)
+    epoch_s = cal["resnetlab_step_s"] * (N_TRAIN // RECIPE["batch_size"]) * (1 + N_VAL / N_TRAIN / 3)
+    epochs = args.epochs or max(1, int(0.9 * budget / epoch_s))
+    plain_epochs = 0.9 * budget / (epoch_s * cal["plain_fp32_step_s"] / cal["resnetlab_step_s"])
+    print(f"calibration {args.arch}: resnetlab {cal['resnetlab_img_s']} img/s vs plain fp32 {cal['plain_fp32_img_s']} "
+          f"img/s ({cal['speedup']:.2f}x); about {epoch_s:.0f} s per epoch -> {epochs} epoch(s) in {budget:.0f} s "
+          f"(a plain fp32 loop: {plain_epochs:.1f})", flush=True)
+
+    stamps: list[float] = []
+    state = {"start": None}
+    timer = None
+
+    def stop() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # the Trainer stops after the current batch and keeps its best
+
+    def log(msg: str) -> None:
+        nonlocal timer
+        if "parameters;" in msg:  # the first line of the run, just before the first step
+            state["start"] = time.perf_counter()
+            timer = threading.Timer(budget, stop)
+            timer.daemon = True
+            timer.start()
+        elif msg.startswith("epoch ") and state["start"] is not None:
+            stamps.append(round(time.perf_counter() - state["start"], 1))
+
+    t1 = time.perf_counter()
+    res = resnetlab.train(data=str(data), arch=args.arch, epochs=epochs, cache_dir=str(cache), out=str(runs / "run"),
+                          quiet=True, log=log, **RECIPE)
+    wall = time.perf_counter() - t1
+    if timer is not None:
+        timer.cancel()
+    metrics = [json.loads(x) for x in (runs / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    accs = [m.get("val_acc") for m in metrics]
+    in_budget = [a for a, s in zip(accs, stamps) if s <= budget + 1]
+    best = max(in_budget) if in_budget else None
+    result = {"arch": args.arch, "budget_s": budget, "epochs_planned": epochs, "epochs_done": len(metrics),
+              "interrupted": res.interrupted, "recipe": RECIPE, "calibration": cal, "cache_build_s": cache_s,
+              "train_call_wall_s": round(wall, 1), "epoch_end_s": stamps, "val_acc_per_epoch": accs,
+              "best_acc_in_budget": best, "target_acc": TARGET_ACC,
+              "met": best is not None and best >= TARGET_ACC}
+    print(f"{args.arch}: best test accuracy within {budget:.0f} s: {best} ({len(metrics)}/{epochs} epochs, ends at "
+          f"{stamps} s); whole call {wall:.0f} s, cache build {cache_s} s; target >= {TARGET_ACC:.0%}: "
+          f"{verdict(result['met'])}", flush=True)
+    record("bench_cifar10_cpu", {**info, "quick": args.quick, "extra_models": EXTRA_MODELS, **result})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

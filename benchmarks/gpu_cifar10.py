@@ -1,0 +1,152 @@
+"""CIFAR-10 on one GPU, two recipes through ``resnetlab.train`` (device=cuda, compile=True, data on the device):
+
+(a) ``paper``: CIFAR ResNet-20 to >= 91.25% test accuracy (He et al. 2015 report 91.25%: SGD 0.1, momentum 0.9,
+    batch 128, 160+ epochs). Here: the same optimiser and batch, weight decay 5e-4 kept off norms and biases,
+    a cosine schedule instead of the step decay, label smoothing 0.1.
+(b) ``fast``: >= 94% as fast as possible (airbench94: 94.01% in 3.83 s on an A100). A wide, shallow ResNet
+    (``resnet8_wide512``: 3x3 stem of 64, one basic block per stage at 128/256/512 channels), batch 512, bf16,
+    channels-last, ``torch.compile``, label smoothing 0.2, one-cycle, and flip test-time augmentation at the end
+    (``resnetlab.evaluate(..., tta=True)``).
+
+The script unpacks ``cifar10.tar.gz`` itself. It looks for the tarball at ``--tarball``, then in
+``$RESNETLAB_BENCH_DATA``, ``/work/shared/data`` and ``<repo>/.cache/data`` (a git-ignored folder: copy the
+tarball there to carry it to a machine that lacks the shared folder). Results go to
+``benchmarks/results/gpu_cifar10.json``; run directories and the cache to ``~/.cache/resnetlab-bench``.
+
+    .venv/bin/python benchmarks/gpu_cifar10.py                 # both recipes, needs CUDA
+    .venv/bin/python benchmarks/gpu_cifar10.py --part fast
+    .venv/bin/python benchmarks/gpu_cifar10.py --cpu-smoke     # 1 epoch on a 1k subset, CPU, no compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import _common  # noqa: E402
+import resnetlab  # noqa: E402
+from _common import machine, print_machine, record, scratch, verdict  # noqa: E402
+from resnetlab.models.registry import list_models, register_model  # noqa: E402
+from resnetlab.models.resnet import ResNet  # noqa: E402
+
+# Registered for this process if resnetlab does not have it (BENCHMARKS.md gives the register_model call).
+EXTRA_MODELS = {
+    "resnet8_wide512": {"block": "basic", "layers": [1, 1, 1], "widths": [128, 256, 512], "strides": [2, 2, 2],
+                        "stem": "cifar", "stem_width": 64},
+}
+
+RECIPES = {
+    "paper": {"target": 0.9125, "tta": False,
+              "options": {"arch": "resnet20", "epochs": 160, "batch_size": 128, "lr": 0.1, "momentum": 0.9,
+                          "weight_decay": 5e-4, "schedule": "cosine", "warmup_epochs": 1.0, "label_smoothing": 0.1}},
+    "fast": {"target": 0.94, "tta": True,
+             "options": {"arch": "resnet8_wide512", "epochs": 20, "batch_size": 512, "lr": 0.8, "momentum": 0.9,
+                         "weight_decay": 5e-4, "schedule": "onecycle", "warmup_epochs": 2.0,
+                         "label_smoothing": 0.2}},
+}
+
+
+def register_extra() -> None:
+    for name, cfg in EXTRA_MODELS.items():
+        if name not in list_models():
+            register_model(name, ResNet, cfg, "wide, shallow CIFAR ResNet (fast recipe)", "He et al. 2015", (3, 32, 32))
+
+
+def find_tarball(explicit: str | None) -> Path:
+    candidates = [Path(explicit)] if explicit else []
+    if os.environ.get("RESNETLAB_BENCH_DATA"):
+        candidates.append(Path(os.environ["RESNETLAB_BENCH_DATA"]) / "cifar10.tar.gz")
+    candidates += [Path("/work/shared/data/cifar10.tar.gz"), _common.ROOT / ".cache" / "data" / "cifar10.tar.gz"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise SystemExit("cifar10.tar.gz not found; looked at: " + ", ".join(map(str, candidates)) +
+                     " (pass --tarball PATH)")
+
+
+def smoke_subset(root: Path, per_class: int = 100) -> Path:
+    """``root``'s first ``per_class`` files of every class, train and test, as symlinks in a scratch folder."""
+    dest = scratch("gpu-smoke-data")
+    for split in ("train", "test"):
+        for cls in sorted(p.name for p in (root / split).iterdir() if p.is_dir()):
+            (dest / split / cls).mkdir(parents=True)
+            for f in sorted((root / split / cls).iterdir())[:per_class]:
+                (dest / split / cls / f.name).symlink_to(f)
+    return dest
+
+
+def run_recipe(name: str, data: Path, cache: Path, runs: Path, device: str, compile_: bool,
+               epochs: int | None) -> dict:
+    spec = RECIPES[name]
+    opts = dict(spec["options"])
+    if epochs is not None:
+        opts["epochs"] = epochs
+    out = runs / name
+    t0 = time.perf_counter()
+    res = resnetlab.train(data=str(data), device=device, compile=compile_, cache_dir=str(cache), out=str(out),
+                          quiet=True, **opts)
+    wall = time.perf_counter() - t0
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    loop = [m["seconds"] for m in metrics]
+    r = {"recipe": name, **opts, "device": device, "compile": compile_, "wall_s": round(wall, 2),
+         "train_loop_s": round(sum(loop), 2), "first_epoch_s": loop[0] if loop else None,
+         "train_loop_after_first_s": round(sum(loop[1:]), 2),
+         "val_acc_per_epoch": [m.get("val_acc") for m in metrics], "best_acc": round(res.best_acc, 4),
+         "best_epoch": res.best_epoch, "target": spec["target"]}
+    if spec["tta"]:
+        t1 = time.perf_counter()
+        ev = resnetlab.evaluate(res.run_dir, str(data), tta=True, device=device, cache_dir=str(cache),
+                                log=lambda m: None)
+        r["tta_acc"] = round(float(ev.get("top1", ev.get("accuracy", 0.0))), 4)
+        r["tta_eval_s"] = round(time.perf_counter() - t1, 2)
+    r["final_acc"] = r.get("tta_acc", r["best_acc"])
+    r["met"] = r["final_acc"] >= spec["target"]
+    tta = f" (TTA {r['tta_acc']:.4f})" if "tta_acc" in r else ""
+    print(f"{name}: {opts['arch']} {opts['epochs']} epochs, test accuracy {r['best_acc']:.4f}{tta}; "
+          f"train loop {r['train_loop_s']:.1f} s (first epoch, with any compile, {r['first_epoch_s']} s; the rest "
+          f"{r['train_loop_after_first_s']:.1f} s), whole call {wall:.1f} s; target >= {spec['target']:.2%}: "
+          f"{verdict(r['met'])}", flush=True)
+    return r
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", choices=("both", "paper", "fast"), default="both")
+    ap.add_argument("--cpu-smoke", action="store_true", help="1 epoch on a 1k-image subset on the CPU, no compile")
+    ap.add_argument("--tarball", default=None, help="path of cifar10.tar.gz")
+    ap.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs")
+    args = ap.parse_args(argv)
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        print("gpu_cifar10.py needs a CUDA GPU: torch.cuda.is_available() is False on this machine. "
+              "Run it on a GPU machine, or use --cpu-smoke to check the script on the CPU.", file=sys.stderr)
+        return 2
+    info = machine()
+    print_machine(info)
+    register_extra()
+    tarball = find_tarball(args.tarball)
+    os.environ["RESNETLAB_BENCH_DATA"] = str(tarball.parent)
+    _common.SHARED_DATA = tarball.parent
+    data = _common.dataset("cifar10")
+    device, compile_, epochs = "cuda", True, args.epochs
+    if args.cpu_smoke:
+        data, device, compile_, epochs = smoke_subset(data), "cpu", False, 1
+    cache = scratch("gpu-cache")
+    runs = scratch("gpu-runs")
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
+    parts = ["paper", "fast"] if args.part == "both" else [args.part]
+    results = [run_recipe(p, data, cache, runs, device, compile_, epochs) for p in parts]
+    record("gpu_cifar10", {**info, "smoke": args.cpu_smoke, "extra_models": EXTRA_MODELS, "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
