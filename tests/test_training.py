@@ -367,3 +367,14 @@ def test_interrupt_during_validation_then_resume_equals_an_uninterrupted_run(tmp
     _assert_same_tensors(_model_tensors(ref / "checkpoints" / "last.safetensors"),
                          _model_tensors(Path(out) / "checkpoints" / "last.safetensors"))
     assert _untimed(_metrics(ref)) == _untimed(_metrics(out))
+
+
+def test_predict_through_the_deploy_predictor_agrees_with_the_default_path(trained_run):
+    result, data = trained_run
+    files = sorted(str(p) for p in data.rglob("*.png"))[:4]
+    default = resnetlab.predict(result.run_dir, files, top_k=2, device="cpu")
+    deployed = resnetlab.predict(result.run_dir, files, top_k=2, device="cpu", backend="eager")
+    assert [r["file"] for r in deployed] == files
+    assert [r["top_k"][0]["label"] for r in deployed] == [r["top_k"][0]["label"] for r in default]
+    for a, b in zip(default, deployed):
+        assert abs(a["top_k"][0]["prob"] - b["top_k"][0]["prob"]) < 2e-2

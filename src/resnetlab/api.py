@@ -314,16 +314,24 @@ def evaluate(run_or_checkpoint: str | Path, data: str, *, tta: bool = False, bat
 
 
 def predict(run_or_checkpoint: str | Path, inputs, *, top_k: int = 5, batch_size: int = 64,
-            device: str = "auto") -> list[dict]:
+            device: str = "auto", backend: str | None = None) -> list[dict]:
     """Top-k labels for each input file (or every known file inside input folders).
 
     Returns a list of ``{"file": path, "top_k": [{"label": str, "prob": float}, ...]}``; an unreadable file
     gets ``{"file": path, "error": "..."}`` instead, and the others are still predicted.
+    ``backend``: ``None`` runs the model as trained (its precision, PyTorch); ``"auto"``, ``"onnxruntime"``,
+    ``"bf16"`` or ``"eager"`` go through :class:`~resnetlab.deploy.predictor.Predictor` (``auto``: ONNX Runtime
+    on CPUs when installed, the fastest here; the first call exports and caches the model).
     """
     from resnetlab.data.layout import list_input_files
 
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
+    if backend is not None:
+        from resnetlab.deploy.predictor import Predictor
+
+        predictor = Predictor.load(run_or_checkpoint, backend=backend, device=device)
+        return predictor.predict_files([str(p) for p in inputs], top_k=top_k, batch_size=batch_size)
     files = list_input_files([str(p) for p in inputs])
     if not files:
         raise DataError(f"no image or audio files in {', '.join(map(str, inputs))}")

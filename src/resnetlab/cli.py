@@ -87,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--top-k", type=int, default=5)
     pr.add_argument("--format", choices=("table", "json", "csv"), default="table")
     pr.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    pr.add_argument("--backend", choices=("auto", "eager", "bf16", "onnxruntime"),
+                    help="run through the deploy Predictor (auto: ONNX Runtime on CPUs, the fastest for many files; "
+                         "the first call exports the model). Default: PyTorch in the precision the model was "
+                         "trained in")
 
     x = sub.add_parser("experiment", help="reproduce a finding of the papers (degradation: plain vs residual)",
                        description="degradation: train plain and residual nets of two depths identically and plot "
@@ -225,7 +229,7 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from resnetlab.api import predict
 
-    results = predict(args.run, args.inputs, top_k=args.top_k, device=args.device)
+    results = predict(args.run, args.inputs, top_k=args.top_k, device=args.device, backend=args.backend)
     if args.format == "json":
         print(json.dumps(results, indent=1))
     elif args.format == "csv":
