@@ -392,6 +392,19 @@ def _finetune_model(cfg, prepared: PreparedData, pipeline: Pipeline, cw, log):
     return name, model, overrides, report
 
 
+def _finetune_config(data, pretrained, config, options: dict):
+    """A FinetuneConfig from defaults, a YAML path or mapping, then keyword options (``None`` values skipped)."""
+    from resnetlab.training.config import FinetuneConfig
+
+    if data is not None:
+        options["data"] = data
+    if pretrained is not None:
+        options["pretrained"] = pretrained
+    if isinstance(config, (str, Path)):
+        config = load_yaml(config)
+    return make_config(FinetuneConfig, dict(config or {}), {k: v for k, v in options.items() if v is not None})
+
+
 def finetune(data: str | None = None, *, pretrained: str | None = None, config=None, log=None,
              **options) -> TrainResult:
     """Fine-tune pretrained weights on ``data`` with a strategy; the same run directory and report as ``train``.
@@ -405,13 +418,7 @@ def finetune(data: str | None = None, *, pretrained: str | None = None, config=N
     from resnetlab.training.config import FinetuneConfig
     from resnetlab.training.finetune import make_phases
 
-    if data is not None:
-        options["data"] = data
-    if pretrained is not None:
-        options["pretrained"] = pretrained
-    if isinstance(config, (str, Path)):
-        config = load_yaml(config)
-    cfg = make_config(FinetuneConfig, dict(config or {}), {k: v for k, v in options.items() if v is not None})
+    cfg = _finetune_config(data, pretrained, config, options)
     log = distributed.main_only(log or _log_to(cfg.quiet))  # under torchrun only rank 0 speaks
     if cfg.resume:
         cfg = resumed_config(FinetuneConfig, cfg, options)
@@ -441,16 +448,9 @@ def lr_find(data: str | None = None, *, pretrained: str | None = None, start_lr:
     """Learning-rate range test on ``data`` for a fresh (or ``pretrained``) model; writes ``lr_find.png`` and
     ``lr_find.json`` to ``out`` and returns ``{"suggestion", "steepest", "lrs", "losses", "plot"}``."""
     from resnetlab.report.plots import plot_lr_find
-    from resnetlab.training.config import FinetuneConfig
     from resnetlab.training.lr_find import lr_range_test
 
-    if data is not None:
-        options["data"] = data
-    if pretrained is not None:
-        options["pretrained"] = pretrained
-    if isinstance(config, (str, Path)):
-        config = load_yaml(config)
-    cfg = make_config(FinetuneConfig, dict(config or {}), {k: v for k, v in options.items() if v is not None})
+    cfg = _finetune_config(data, pretrained, config, options)
     log = log or _log_to(cfg.quiet)
     cw = None
     if cfg.pretrained:
