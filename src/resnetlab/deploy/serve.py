@@ -379,6 +379,22 @@ def make_server(predictor, host: str = "127.0.0.1", port: int = 8000, *, max_upl
                            request_timeout=request_timeout, verbose=verbose)
 
 
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM (process managers, ``kill``) both stop the server cleanly, even when the parent
+    started it with SIGINT ignored (background jobs of non-interactive shells inherit that)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
 def serve(run_or_checkpoint: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000,
           backend: str = "auto", device: str = "auto", threads: int | None = None, log=print, **options) -> None:
     """Load a run's model and serve it until interrupted (Ctrl-C). ``options`` go to :func:`make_server`."""
@@ -391,6 +407,7 @@ def serve(run_or_checkpoint: str | os.PathLike, *, host: str = "127.0.0.1", port
         f"at {server.url}/  (POST /predict, GET /health; Ctrl-C stops)")
     if host not in ("127.0.0.1", "localhost", "::1"):
         log(f"warning: listening on {host}: anyone who can reach this address can use the model")
+    _stop_on_signals()
     try:
         server.serve_forever(poll_interval=0.5)
     except KeyboardInterrupt:
