@@ -188,3 +188,11 @@ def test_train_help_lists_every_config_field(capsys):
         assert opt in out, f"{opt} missing from `resnetlab train --help`"
         if f.type in ("bool", "bool | None"):
             assert "--no-" + f.name.replace("_", "-") in out
+
+
+def test_time_budget_is_refused_for_phased_fine_tuning_before_anything_runs():
+    from resnetlab.training.config import FinetuneConfig
+
+    assert FinetuneConfig(strategy="full", time_budget=5.0).time_budget == 5.0
+    with pytest.raises(ValueError, match="single-phase strategies .*'lp-ft' trains in phases"):
+        FinetuneConfig(time_budget=5.0)

@@ -378,3 +378,90 @@ def test_predict_through_the_deploy_predictor_agrees_with_the_default_path(train
     assert [r["top_k"][0]["label"] for r in deployed] == [r["top_k"][0]["label"] for r in default]
     for a, b in zip(default, deployed):
         assert abs(a["top_k"][0]["prob"] - b["top_k"][0]["prob"]) < 2e-2
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_optimizer_is_fused_on_cpu_and_makes_the_same_update(name):
+    from resnetlab.training.optim import build_optimizer, param_groups
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = build_optimizer(param_groups(models[0], 5e-4, 0.1), name, 0.1)
+    assert fused.defaults["fused"] is True
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(models[1], 5e-4, 0.1)]
+    plain = (torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True) if name == "sgd" else
+             torch.optim.AdamW(groups, lr=0.1))  # the reference: PyTorch's per-tensor loop
+    for _ in range(3):
+        for pa, pb in zip(models[0].parameters(), models[1].parameters()):
+            pa.grad = torch.randn_like(pa)
+            pb.grad = pa.grad.clone()
+        fused.step()
+        plain.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# --- a time budget ----------------------------------------------------------------------------------------------
+
+
+class _FakeClock:
+    """``time`` for the engine: every ``perf_counter()`` call moves the clock on by ``tick`` seconds, so a time-
+    budget run takes the same path on any machine, however loaded."""
+
+    def __init__(self, tick: float):
+        self.now, self.tick = 0.0, tick
+
+    def perf_counter(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_time_budget_ends_the_schedule_and_the_run_when_it_runs_out(tmp_path, tiny_data, monkeypatch):
+    from resnetlab.training import engine
+
+    monkeypatch.setattr(engine, "time", _FakeClock(0.5))
+    opts = tiny_options(tmp_path, epochs=None, time_budget=0.2)  # 12 s of fake time; no --epochs: the budget ends it
+    result = resnetlab.train(str(tiny_data), log=_quiet, **opts)
+    records = _metrics(result.run_dir)
+    assert 2 <= len(records) < 20 and result.epochs == len(records)
+    lrs = [r["lr"] for r in records]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] < 0.05  # decaying from the first step (no warm-up)
+    assert lrs[-1] < 0.1 * 0.05  # the decay reached (about) zero when the budget ran out
+    _, meta = read_checkpoint(Path(result.run_dir) / "checkpoints" / "last.safetensors")
+    assert meta["clock"] >= 12.0
+    assert yaml.safe_load((Path(result.run_dir) / "config.yaml").read_text())["time_budget"] == 0.2
+
+    # resuming a run whose budget is spent trains nothing more and keeps what it wrote
+    again = resnetlab.train(str(tiny_data), log=_quiet, **{**opts, "resume": True})
+    assert _metrics(again.run_dir) == records
+
+
+def test_time_budget_with_epochs_stops_at_whichever_ends_first(tmp_path, tiny_data, monkeypatch):
+    from resnetlab.training import engine
+
+    monkeypatch.setattr(engine, "time", _FakeClock(1e-3))  # a budget far longer than two epochs
+    result = resnetlab.train(str(tiny_data), log=_quiet, **tiny_options(tmp_path, epochs=2, time_budget=10.0))
+    records = _metrics(result.run_dir)
+    assert len(records) == 2 and "batches" not in records[-1]
+
+
+def test_time_budget_cuts_a_long_warm_up_to_a_fifth_of_it(tmp_path, tiny_data, monkeypatch):
+    from resnetlab.training import engine
+
+    monkeypatch.setattr(engine, "time", _FakeClock(0.5))
+    result = resnetlab.train(str(tiny_data), log=_quiet, **tiny_options(tmp_path, epochs=None, time_budget=0.2,
+                                                                         warmup_epochs=50.0))
+    _, meta = read_checkpoint(Path(result.run_dir) / "checkpoints" / "last.safetensors")
+    start_s, warmup_steps = meta["warmup_end"]
+    assert 0.2 * 12.0 <= start_s < 0.3 * 12.0 and warmup_steps < 50 * 3  # cut short, then the decay
+    assert _metrics(result.run_dir)[-1]["lr"] < 0.15 * 0.05  # the last step: one coarse fake tick before the end
+
+
+def test_lr_follows_the_time_fraction_when_it_is_ahead_of_the_steps():
+    from resnetlab.training.optim import lr_at
+
+    assert lr_at(10, 1000, 0, "onecycle", time_fraction=0.5) == pytest.approx(0.5)
+    assert lr_at(900, 1000, 0, "onecycle", time_fraction=0.5) == pytest.approx(0.1)  # the steps are ahead
+    assert lr_at(10, 1000, 0, "cosine", time_fraction=1.0) == pytest.approx(0.0)
+    assert lr_at(3, 1000, 10, "onecycle", time_fraction=0.9) == pytest.approx(0.4)  # warm-up first

@@ -169,6 +169,15 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, prepared: PreparedDat
         torch.use_deterministic_algorithms(was_deterministic)
 
 
+def _length(cfg: TrainConfig) -> str:
+    if not cfg.time_budget:
+        return f"{cfg.epochs} epochs"
+    from resnetlab.training.defaults import BUDGET_EPOCH_CAP
+
+    cap = f" (at most {cfg.epochs} epochs)" if cfg.epochs != BUDGET_EPOCH_CAP else ""
+    return f"a {cfg.time_budget:g}-minute time budget{cap}"
+
+
 def _fit_and_report(cfg: TrainConfig, model: torch.nn.Module, prepared: PreparedData, pipeline: Pipeline,
                     device: torch.device, meta: dict, prec, run_dir: Path, phases: list[Phase] | None,
                     log) -> TrainResult:
@@ -179,7 +188,7 @@ def _fit_and_report(cfg: TrainConfig, model: torch.nn.Module, prepared: Prepared
     if cfg.accum_steps > 1:
         batch += f" x {cfg.accum_steps} accumulated"
     log(f"{cfg.arch}: {n_params:,} parameters; {len(prepared.train)} train samples, {batch}, "
-        f"{cfg.epochs} epochs, {cfg.optimizer} lr {cfg.lr:g}; {device.type} {prec.name}"
+        f"{_length(cfg)}, {cfg.optimizer} lr {cfg.lr:g}; {device.type} {prec.name}"
         f"{' channels-last' if prec.channels_last else ''}; run directory {run_dir}")
     trainer = Trainer(model, pipeline, train_loader, val_loader, cfg, run_dir, meta, prec, phases=phases, log=log)
     fit = trainer.fit()

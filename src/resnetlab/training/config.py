@@ -81,7 +81,12 @@ class TrainConfig:
                                        "helps deep bottleneck nets, hurts small option-A CIFAR nets)",
                                 group="model")
     # optimisation
-    epochs: int | None = _opt(None, "epochs (default: from the dataset size)", check=AT_LEAST_ONE)
+    epochs: int | None = _opt(None, "epochs (default: from the dataset size; with --time-budget, as many as fit)",
+                              check=AT_LEAST_ONE)
+    time_budget: float = _opt(0.0, "train for this many minutes of wall time (validation included): the "
+                                   "learning-rate schedule is stretched over the budget and ends at zero when it "
+                                   "runs out, mid-epoch if need be (0: off; --epochs then caps the run)",
+                              check=NON_NEGATIVE)
     batch_size: int | None = _opt(None, "batch size (default: from the dataset size)", check=AT_LEAST_ONE)
     optimizer: str = _opt("sgd", "optimizer", ("sgd", "adamw"))
     lr: float | None = _opt(None, "peak learning rate (default: images 0.2 x batch/256 SGD, 2e-3 x batch/256 "
@@ -180,6 +185,16 @@ class FinetuneConfig(TrainConfig):
                                    group="fine-tuning")
     keep_stages: int | None = _opt(None, "truncate the network to its first N stages (their weights are kept)",
                                    group="fine-tuning")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.time_budget and self.strategy not in SINGLE_PHASE_STRATEGIES:
+            allowed = ", ".join(SINGLE_PHASE_STRATEGIES)
+            raise ValueError(f"--time-budget works with the single-phase strategies ({allowed}); "
+                             f"strategy {self.strategy!r} trains in phases")
+
+
+SINGLE_PHASE_STRATEGIES = ("full", "linear-probe")
 
 
 def _base_type(tp):

@@ -11,6 +11,8 @@ import time
 
 from resnetlab.training.config import TrainConfig
 
+BUDGET_EPOCH_CAP = 1000  # epochs of a --time-budget run without --epochs: the budget ends it long before
+
 
 def default_arch(modality: str, facts: dict, n_train: int) -> str:
     if modality == "audio":
@@ -45,7 +47,7 @@ def resolve(cfg: TrainConfig, *, modality: str, facts: dict, n_train: int, devic
     c = dataclasses.replace(cfg)
     c.arch = c.arch or default_arch(modality, facts, n_train)
     c.batch_size = c.batch_size or min(default_batch_size(n_train, device_type), max(n_train, 1))
-    c.epochs = c.epochs or default_epochs(n_train)
+    c.epochs = c.epochs or (BUDGET_EPOCH_CAP if c.time_budget else default_epochs(n_train))
     if c.lr is None:
         if modality == "audio":  # Tang & Lin's rate for keyword spotting, at batches of 32-64
             c.lr = 0.1 if c.optimizer == "sgd" else 2e-3

@@ -109,6 +109,14 @@ class Trainer:
         self.is_main = distributed.is_main() if is_main is None else is_main
         self.phases = phases or [Phase("train", cfg.epochs)]
         self.total_epochs = sum(p.epochs for p in self.phases)
+        if cfg.time_budget and len(self.phases) > 1:
+            raise ValueError(f"--time-budget works with single-phase training (train, or finetune --strategy full or "
+                             f"linear-probe); this run has {len(self.phases)} phases")
+        # a time budget: wall seconds of training so far (this run's earlier sessions included), agreed by every
+        # rank (rank 0's clock), and where the warm-up ended, in seconds and steps: the decay is spread over the rest
+        self.budget_s = cfg.time_budget * 60.0
+        self.clock = 0.0
+        self.warmup_end: tuple[float, int] | None = None
         self.steps_per_epoch = len(train_loader)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         # each rank its own augmentation stream; rank 0's is the single-process one
@@ -179,7 +187,8 @@ class Trainer:
     def _meta(self) -> dict:
         return {**self.meta, "pipeline": self.pipeline.config(), "epoch": self.epoch, "step": self.step,
                 "batch_in_epoch": self.batch_in_epoch, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
-                "phase": self._phase_index, "precision": self.prec.name, "epoch_sums": list(self.epoch_sums)}
+                "phase": self._phase_index, "precision": self.prec.name, "epoch_sums": list(self.epoch_sums),
+                "clock": self.clock, "warmup_end": self.warmup_end}
 
     def _model_tensors(self, model: nn.Module, prefix: str = "model.") -> dict[str, torch.Tensor]:
         return {prefix + k: v for k, v in ckpt.unwrap(model).state_dict().items()}
@@ -254,6 +263,8 @@ class Trainer:
         self.batch_in_epoch = int(meta.get("batch_in_epoch", 0))
         self.best_acc, self.best_epoch = float(meta["best_acc"]), int(meta["best_epoch"])
         self.history = list(meta.get("history", []))
+        self.clock = float(meta.get("clock", 0.0))
+        self.warmup_end = tuple(meta["warmup_end"]) if meta.get("warmup_end") else None
         if self.batch_in_epoch and "epoch_sums" in meta:
             self.epoch_sums = tuple(float(v) for v in meta["epoch_sums"])
         phase_index = int(meta.get("phase", -1))
@@ -335,6 +346,26 @@ class Trainer:
         if self.ema is not None:
             self.ema.update_parameters(self.model)
 
+    # --- time budget ---------------------------------------------------------------------------------
+    def _budget_spent(self) -> bool:
+        return self.budget_s > 0 and self.clock >= self.budget_s
+
+    def _lr_factor(self, phase_step: int, phase_steps: int, warmup: int) -> float:
+        """The schedule's factor at ``phase_step``; under a time budget the decay also follows the clock.
+
+        The warm-up keeps its steps unless it would eat more than a fifth of the budget (then the decay starts
+        there); from its end the decay reaches zero when the budget runs out, or at the last step if sooner.
+        """
+        if self.budget_s <= 0:
+            return lr_at(phase_step, phase_steps, warmup, self.cfg.schedule)
+        if self.warmup_end is None and (phase_step >= warmup or self.clock >= BUDGET_WARMUP_SHARE * self.budget_s):
+            self.warmup_end = (self.clock, min(phase_step, warmup))
+        if self.warmup_end is None:
+            return lr_at(phase_step, phase_steps, warmup, self.cfg.schedule)
+        start_s, warmup_steps = self.warmup_end
+        fraction = (self.clock - start_s) / max(self.budget_s - start_s, 1e-9)
+        return lr_at(phase_step, phase_steps, warmup_steps, self.cfg.schedule, time_fraction=fraction)
+
     def validate(self, model: nn.Module) -> Predictions | None:
         if self.val_loader is None:
             return None
@@ -354,6 +385,7 @@ class Trainer:
             if self.is_main and self.history:  # a run killed between saving last and rewriting metrics.jsonl
                 self._write_metrics()
         t_start = time.perf_counter()
+        clock_base = self.clock  # the budget's seconds spent before this session (a resumed run)
         interrupted = False
         old_handlers = {}
         if self.is_main or self.distributed:
@@ -362,10 +394,11 @@ class Trainer:
                 old_handlers[sig] = signal.signal(sig, self._on_sigterm)
         # Bars on a terminal; in logs and pipes (or --quiet) one line per epoch instead.
         bars = not self.cfg.quiet and self.is_main and sys.stderr.isatty()
-        epoch_bar = tqdm(total=self.total_epochs, initial=self.epoch, desc="epochs", unit="ep",
+        shown_total = None if self.budget_s else self.total_epochs  # a budget run ends on time, not at a count
+        epoch_bar = tqdm(total=shown_total, initial=self.epoch, desc="epochs", unit="ep",
                          disable=not bars, dynamic_ncols=True, leave=True)
         try:
-            while self.epoch < self.total_epochs:
+            while self.epoch < self.total_epochs and not self._budget_spent():
                 index, phase, phase_start = self._phase_for_epoch(self.epoch)
                 if index != self._phase_index:
                     self._enter_phase(index)
@@ -378,9 +411,10 @@ class Trainer:
                 # the lr of the epoch's latest step: what the record shows when a run interrupted after the last
                 # batch (during validation) resumes with no batch left to train
                 last_step = (self.epoch - phase_start) * self.steps_per_epoch + max(self.batch_in_epoch - 1, 0)
-                lr = self.base_lr * lr_at(last_step, phase_steps, warmup, self.cfg.schedule)
+                lr = self.base_lr * self._lr_factor(last_step, phase_steps, warmup)
                 bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch, leave=False, unit="batch",
-                           desc=f"epoch {self.epoch + 1}/{self.total_epochs}", dynamic_ncols=True,
+                           desc=f"epoch {self.epoch + 1}" + (f"/{shown_total}" if shown_total else ""),
+                           dynamic_ncols=True,
                            disable=not bars)
                 accum, first_batch = self.cfg.accum_steps, self.batch_in_epoch
                 group = (0.0, 0.0, 0.0)  # this rank's sums over the batches of the current accumulation group
@@ -393,7 +427,7 @@ class Trainer:
                     self._accum = (b - g_start, g_end - g_start)
                     # the schedule counts batches; a group steps with the lr of its first (as one big batch would)
                     phase_step = (self.epoch - phase_start) * self.steps_per_epoch + b - b % accum
-                    lr = set_lr(self.opt, self.base_lr, lr_at(phase_step, phase_steps, warmup, self.cfg.schedule))
+                    lr = set_lr(self.opt, self.base_lr, self._lr_factor(phase_step, phase_steps, warmup))
                     l_sum, c, n = self.train_step(xb, yb)
                     group = (group[0] + l_sum, group[1] + c, group[2] + n)
                     self.step += 1
@@ -401,10 +435,12 @@ class Trainer:
                     bar.update(1)
                     if self.batch_in_epoch < g_end:
                         continue  # the optimizer steps with the group's last batch; stops and saves wait for it
-                    totals = [*group, float(self._stop_requested)]
-                    if self.distributed:  # every rank's sums, and one decision to stop
+                    clock = clock_base + time.perf_counter() - t_start if self.rank == 0 else 0.0
+                    totals = [*group, float(self._stop_requested), clock]
+                    if self.distributed:  # every rank's sums, one decision to stop, and rank 0's clock
                         totals = distributed.all_reduce_sum(totals, self.prec.device)
                     group = (0.0, 0.0, 0.0)
+                    self.clock = totals[4]
                     loss_sum, correct, seen = loss_sum + totals[0], correct + totals[1], seen + totals[2]
                     self.epoch_sums = (loss_sum, correct, seen)
                     elapsed = time.perf_counter() - t0
@@ -412,6 +448,10 @@ class Trainer:
                                     lr=f"{lr:.3g}", ips=f"{(seen - seen_before) / max(elapsed, 1e-9):.0f}/s")
                     if totals[3]:
                         raise _StopRequested
+                    if self._budget_spent():
+                        self.log(f"time budget of {self.cfg.time_budget:g} min reached at epoch {self.epoch + 1}, "
+                                 f"batch {self.batch_in_epoch}: the schedule has ended, validating")
+                        break
                     if (self.cfg.checkpoint_every and self.step - self._saved_step >= self.cfg.checkpoint_every
                             and self.batch_in_epoch < self.steps_per_epoch):  # the epoch's end saves anyway
                         self.save_last()
@@ -422,7 +462,7 @@ class Trainer:
                 epoch_bar.set_postfix(val_acc=f"{record.get('val_acc', float('nan')):.4f}",
                                       best=f"{self.best_acc:.4f}")
                 if not bars and self.is_main:
-                    self.log(_epoch_line(record, self.total_epochs))
+                    self.log(_epoch_line(record, shown_total))
         except KeyboardInterrupt as e:
             interrupted = True
             if self.distributed and not isinstance(e, _StopRequested):  # ranks stopped at different points
@@ -446,6 +486,8 @@ class Trainer:
         """``seen`` samples in the epoch, of which ``timed`` in ``seconds`` (fewer after a mid-epoch resume)."""
         record = {"epoch": self.epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
                   "lr": lr, "seconds": round(seconds, 3), "samples_per_s": round(timed / max(seconds, 1e-9), 1)}
+        if self.batch_in_epoch < self.steps_per_epoch:  # an epoch cut short by the time budget
+            record["batches"] = self.batch_in_epoch
         self._check_finite()  # weights that diverged on the epoch's last step are never validated or saved
         if self.distributed:  # rank 0's BN statistics everywhere: every rank validates the model rank 0 saves
             distributed.broadcast_buffers(self.model)
@@ -482,9 +524,14 @@ class Trainer:
         _write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
 
 
-def _epoch_line(r: dict, total: int) -> str:
+BUDGET_WARMUP_SHARE = 0.2  # a warm-up may take at most this share of a time budget
+
+
+def _epoch_line(r: dict, total: int | None) -> str:
     val = f" val_loss {r['val_loss']:.4f} val_acc {r['val_acc']:.4f}" if "val_acc" in r else ""
-    return (f"epoch {r['epoch']}/{total}: train_loss {r['train_loss']:.4f} train_acc {r['train_acc']:.4f}{val}"
+    of = f"/{total}" if total else ""
+    part = f" ({r['batches']} batches)" if "batches" in r else ""
+    return (f"epoch {r['epoch']}{of}{part}: train_loss {r['train_loss']:.4f} train_acc {r['train_acc']:.4f}{val}"
             f" lr {r['lr']:.4g} {r['seconds']:.1f}s {r['samples_per_s']:.0f}/s")
 
 
