@@ -434,6 +434,13 @@ def test_resnetlab_checkpoint_roundtrip(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert_logits_close(model.eval()(x), ref(x))
+    run_dir = tmp_path / "run"  # a run directory stands for its best checkpoint, as in evaluate and predict
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("arch: resnet20\n")
+    path.rename(run_dir / "checkpoints" / "best.safetensors")
+    from_run, _ = model_from_pretrained(run_dir)
+    with torch.no_grad():
+        assert_logits_close(from_run.eval()(x), ref(x))
 
 
 def test_resnetlab_checkpoint_errors(tmp_path):
