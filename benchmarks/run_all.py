@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_throughput", "bench_pipeline", "bench_memory", "bench_mnist", "bench_cifar10_cpu", "gpu_cifar10"]
+SCRIPTS = ["bench_precision", "bench_throughput", "bench_pipeline", "bench_memory", "bench_mnist", "bench_cifar10_cpu",
+           "gpu_cifar10"]
 
 
 def main(argv=None) -> int:
