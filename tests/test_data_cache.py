@@ -219,3 +219,15 @@ def test_default_cache_root(monkeypatch, tmp_path):
     assert default_cache_root() == tmp_path / "here"
     monkeypatch.delenv("RESNETLAB_CACHE")
     assert default_cache_root() == Path.home() / ".cache" / "resnetlab"
+
+
+def test_channel_stats_match_numpy_and_guard_a_flat_channel():
+    from resnetlab.data.prepare import channel_stats
+
+    x = np.random.default_rng(0).integers(0, 256, (50, 3, 8, 8), dtype=np.uint8)
+    x[:, 2] = 7  # a constant channel: its std would be 0, normalising by it would blow up
+    mean, std = channel_stats(x)
+    ref = x.astype(np.float64) / 255.0
+    assert mean == pytest.approx(ref.mean(axis=(0, 2, 3)), abs=1e-4)
+    assert std[:2] == pytest.approx(ref.std(axis=(0, 2, 3))[:2], abs=1e-4)
+    assert std[2] == 1.0
