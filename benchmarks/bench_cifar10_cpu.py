@@ -119,6 +119,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=None, help="training budget, seconds (default 600; quick 120)")
     ap.add_argument("--arch", default="resnet20", help="model name (resnet20, or resnet8_wide registered here)")
     ap.add_argument("--epochs", type=int, default=None, help="cap the epochs (default: as many as fit the budget)")
+    ap.add_argument("--progressive-resize", type=float, default=0.0,
+                    help="start training images at this fraction of 32 px (resnetlab's --progressive-resize)")
     add_threads_arg(ap)
     args = ap.parse_args(argv)
     apply_threads(args.threads)
@@ -156,7 +158,8 @@ def main(argv=None) -> int:
     t1 = time.perf_counter()
     # --time-budget: the one-cycle schedule is stretched over the budget and ends at zero when it runs out
     res = resnetlab.train(data=str(data), arch=args.arch, epochs=args.epochs, time_budget=budget / 60,
-                          cache_dir=str(cache), out=str(runs / "run"), quiet=True, log=log, **RECIPE)
+                          progressive_resize=args.progressive_resize, cache_dir=str(cache), out=str(runs / "run"),
+                          quiet=True, log=log, **RECIPE)
     wall = time.perf_counter() - t1
     metrics = [json.loads(x) for x in (runs / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     accs = [round(m.get("val_acc"), 4) for m in metrics]
@@ -164,7 +167,8 @@ def main(argv=None) -> int:
     t2 = time.perf_counter()
     tta = resnetlab.evaluate(str(runs / "run"), data=str(data), tta=True, cache_dir=str(cache), log=lambda m: None)
     tta_s = round(time.perf_counter() - t2, 1)
-    result = {"arch": args.arch, "budget_s": budget, "epochs_done": len(metrics),
+    result = {"arch": args.arch, "budget_s": budget, "progressive_resize": args.progressive_resize,
+              "epochs_done": len(metrics),
               "last_epoch_batches": metrics[-1].get("batches"), "recipe": RECIPE, "calibration": cal,
               "cache_build_s": cache_s, "train_call_wall_s": round(wall, 1), "epoch_end_s": stamps,
               "val_acc_per_epoch": accs, "best_acc_in_budget": round(best, 4),

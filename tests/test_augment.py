@@ -148,3 +148,23 @@ def test_image_pipeline_eval_is_deterministic_normalisation():
     assert y is None
     train_out, _ = pipe(x, torch.zeros(4, dtype=torch.long), train=True, generator=_gen())
     assert train_out.shape == out.shape and not torch.equal(train_out, out)
+
+
+@pytest.mark.parametrize("rrc", [False, True])
+def test_progressive_resizing_shrinks_training_batches_only(rrc):
+    pipe = ImagePipeline((32, 32), 3, [0.5] * 3, [0.25] * 3, 10, crop_pad=0 if rrc else 4, rrc=rrc)
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    pipe.set_train_scale(0.75)
+    assert pipe(x, None, train=True, generator=torch.Generator().manual_seed(0))[0].shape == (4, 3, 24, 24)
+    assert pipe(x, None, train=False)[0].shape == (4, 3, 32, 32)  # evaluation: always the full size
+    assert "train_size" not in pipe.config()  # inference never sees it
+    pipe.set_train_scale(1.0)
+    assert pipe(x, None, train=True, generator=torch.Generator().manual_seed(0))[0].shape == (4, 3, 32, 32)
+
+
+@pytest.mark.parametrize(("side", "scale", "expected"), [(30, 0.5, 16), (32, 0.6, 20), (16, 0.1, 8), (10, 0.9, 8),
+                                                         (224, 0.5, 112)])
+def test_train_scale_rounds_to_multiples_of_4_within_the_full_size(side, scale, expected):
+    pipe = ImagePipeline((side, side), 3, [0.5] * 3, [0.25] * 3, 10)
+    pipe.set_train_scale(scale)
+    assert pipe.train_size == (expected, expected)

@@ -465,3 +465,27 @@ def test_lr_follows_the_time_fraction_when_it_is_ahead_of_the_steps():
     assert lr_at(900, 1000, 0, "onecycle", time_fraction=0.5) == pytest.approx(0.1)  # the steps are ahead
     assert lr_at(10, 1000, 0, "cosine", time_fraction=1.0) == pytest.approx(0.0)
     assert lr_at(3, 1000, 10, "onecycle", time_fraction=0.9) == pytest.approx(0.4)  # warm-up first
+
+
+def test_progressive_resizing_grows_training_images_to_the_full_size(tmp_path, tiny_data, monkeypatch):
+    sizes = []
+    original = Trainer.train_step
+
+    def train_step(self, xb, yb):
+        sizes.append(self.pipeline.train_size)
+        return original(self, xb, yb)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    result = resnetlab.train(str(tiny_data), log=_quiet, **tiny_options(tmp_path, epochs=4, progressive_resize=0.5))
+    assert sizes[0] == (8, 8) and sizes[-1] == (16, 16)  # img_size 16, from half of it
+    assert sizes == sorted(sizes) and len(set(sizes)) == 3  # 8 -> 12 -> 16, never back down
+    assert sizes.count((16, 16)) >= len(sizes) // 4  # the last quarter at the full size
+    _, meta = read_checkpoint(Path(result.run_dir) / "checkpoints" / "best.safetensors")
+    assert meta["pipeline"]["size"] == [16, 16] and "train_size" not in meta["pipeline"]
+
+
+def test_progressive_resizing_is_refused_for_audio(tmp_path):
+    with pytest.raises(ValueError, match="--progressive-resize works on images; builtin:spoken-digits holds audio"):
+        resnetlab.train("builtin:spoken-digits", log=_quiet, **tiny_options(tmp_path, progressive_resize=0.5,
+                                                                             arch="tc_resnet8", img_size=None))
+    assert not (tmp_path / "run").exists()

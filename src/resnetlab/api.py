@@ -123,6 +123,8 @@ def prepare_run(cfg: TrainConfig, log=print):
                                 channels=cfg.channels, sample_rate=cfg.sample_rate, duration=cfg.duration,
                                 cache_dir=cfg.cache_dir, strict=cfg.strict_data,
                                 progress=not cfg.quiet and distributed.is_main(), stream=cfg.stream, log=log)
+    if cfg.progressive_resize and prepared.spec.modality != "image":
+        raise ValueError(f"--progressive-resize works on images; {cfg.data} holds {prepared.spec.modality}")
     cfg = resolve(cfg, modality=prepared.spec.modality, facts=prepared.facts, n_train=len(prepared.train),
                   device_type=device.type)
     cfg.out = distributed.broadcast_object(cfg.out)  # the default name holds the time: rank 0's for all

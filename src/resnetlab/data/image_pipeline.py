@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from resnetlab.data.augment import cutout, mix, random_crop, random_flip, random_resized_crop
 from resnetlab.data.pipeline import Pipeline, register_pipeline
@@ -40,6 +41,15 @@ class ImagePipeline(Pipeline):
         self.cutout, self.mixup, self.cutmix = int(cutout), float(mixup), float(cutmix)
         self._mean_t = torch.tensor(self.mean).view(1, -1, 1, 1)
         self._std_t = torch.tensor(self.std).view(1, -1, 1, 1)
+        self.train_size = self.size  # smaller while progressive resizing runs (set_train_scale); not saved
+
+    def set_train_scale(self, scale: float) -> None:
+        """Training batches at ``scale`` of the full size, rounded to a multiple of 4 pixels (few distinct shapes,
+        so few new convolution kernels), at least 8 pixels; the full size from ``scale`` 1 on."""
+        if scale >= 1.0:
+            self.train_size = self.size
+        else:
+            self.train_size = tuple(min(max(8, 4 * round(side * scale / 4)), side) for side in self.size)
 
     def to(self, device) -> ImagePipeline:
         self._mean_t, self._std_t = self._mean_t.to(device), self._std_t.to(device)
@@ -54,14 +64,16 @@ class ImagePipeline(Pipeline):
     def __call__(self, x, y, train, generator=None):
         x = x.float().div_(255)
         if train:
-            if self.rrc:
-                x = random_resized_crop(x, self.size, self.rrc_scale, generator=generator)
+            if self.rrc:  # straight to the training size: one resampling
+                x = random_resized_crop(x, self.train_size, self.rrc_scale, generator=generator)
             elif self.crop_pad:
                 x = random_crop(x, self.crop_pad, generator)
             if self.flip:
                 x = random_flip(x, generator)
             if self.cutout:
                 x = cutout(x, self.cutout, generator)
+            if tuple(x.shape[-2:]) != self.train_size:
+                x = F.interpolate(x, size=self.train_size, mode="bilinear", antialias=True, align_corners=False)
         x = self.normalize(x)
         if train and y is not None and (self.mixup or self.cutmix):
             x, y = mix(x, y, self.num_classes, self.mixup, self.cutmix)

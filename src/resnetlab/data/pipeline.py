@@ -37,6 +37,12 @@ class Pipeline:
         """Move any tensors the pipeline holds (filterbanks, noise clips) to ``device``."""
         return self
 
+    def set_train_scale(self, scale: float) -> None:
+        """Progressive resizing: training batches at ``scale`` (<= 1) of the full input size from now on.
+
+        Evaluation always runs at the full size. Pipelines without a spatial size (audio) ignore it.
+        """
+
 
 _PIPELINES: dict[str, type] = {}
 

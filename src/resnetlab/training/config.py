@@ -85,7 +85,8 @@ class TrainConfig:
                               check=AT_LEAST_ONE)
     time_budget: float = _opt(0.0, "train for this many minutes of wall time (validation included): the "
                                    "learning-rate schedule is stretched over the budget and ends at zero when it "
-                                   "runs out, mid-epoch if need be (0: off; --epochs then caps the run)",
+                                   "runs out, mid-epoch if need be; --epochs, if given, still caps the run "
+                                   "(0: off)",
                               check=NON_NEGATIVE)
     batch_size: int | None = _opt(None, "batch size (default: from the dataset size)", check=AT_LEAST_ONE)
     optimizer: str = _opt("sgd", "optimizer", ("sgd", "adamw"))
@@ -112,6 +113,11 @@ class TrainConfig:
     rrc: bool | None = _opt(None, "random-resized-crop (default: on for images of 96 px and more)",
                             group="augmentation")
     cutout: int = _opt(0, "cutout square side in pixels (0: off)", group="augmentation", check=NON_NEGATIVE)
+    progressive_resize: float = _opt(0.0, "progressive resizing: train on images at this fraction of --img-size "
+                                          "at first (e.g. 0.75), growing to the full size over the first three "
+                                          "quarters of the run (its epochs, or its --time-budget); validation "
+                                          "always at the full size (0: off)", group="augmentation",
+                                     check=FRACTION)
     mixup: float = _opt(0.0, "mixup alpha (0: off)", group="augmentation", check=NON_NEGATIVE)
     cutmix: float = _opt(0.0, "cutmix alpha (0: off)", group="augmentation", check=NON_NEGATIVE)
     mean: list[float] | None = _opt(None, "per-channel mean for normalisation (default: measured on the data)",

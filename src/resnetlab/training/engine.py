@@ -366,6 +366,15 @@ class Trainer:
         fraction = (self.clock - start_s) / max(self.budget_s - start_s, 1e-9)
         return lr_at(phase_step, phase_steps, warmup_steps, self.cfg.schedule, time_fraction=fraction)
 
+    def _train_scale(self) -> float:
+        """Progressive resizing: the training input's share of the full size now, from ``cfg.progressive_resize``
+        at the start to 1 at ``RESIZE_RAMP`` of the run (of its steps, or of its time budget if that is ahead)."""
+        progress = self.step / max(self.total_epochs * self.steps_per_epoch, 1)
+        if self.budget_s > 0:
+            progress = max(progress, self.clock / self.budget_s)
+        start = self.cfg.progressive_resize
+        return start + (1.0 - start) * min(progress / RESIZE_RAMP, 1.0)
+
     def validate(self, model: nn.Module) -> Predictions | None:
         if self.val_loader is None:
             return None
@@ -428,6 +437,8 @@ class Trainer:
                     # the schedule counts batches; a group steps with the lr of its first (as one big batch would)
                     phase_step = (self.epoch - phase_start) * self.steps_per_epoch + b - b % accum
                     lr = set_lr(self.opt, self.base_lr, self._lr_factor(phase_step, phase_steps, warmup))
+                    if self.cfg.progressive_resize:
+                        self.pipeline.set_train_scale(self._train_scale())
                     l_sum, c, n = self.train_step(xb, yb)
                     group = (group[0] + l_sum, group[1] + c, group[2] + n)
                     self.step += 1
@@ -525,6 +536,7 @@ class Trainer:
 
 
 BUDGET_WARMUP_SHARE = 0.2  # a warm-up may take at most this share of a time budget
+RESIZE_RAMP = 0.75  # progressive resizing reaches the full size at this share of the run; the rest trains at it
 
 
 def _epoch_line(r: dict, total: int | None) -> str:
