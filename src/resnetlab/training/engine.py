@@ -116,7 +116,7 @@ class Trainer:
         # rank (rank 0's clock), and where the warm-up ended, in seconds and steps: the decay is spread over the rest
         self.budget_s = cfg.time_budget * 60.0
         self.clock = 0.0
-        self.warmup_end: tuple[float, int] | None = None
+        self.warmup_end: tuple[float, int, float] | None = None  # (seconds, steps, the lr factor it reached)
         self.steps_per_epoch = len(train_loader)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         # each rank its own augmentation stream; rank 0's is the single-process one
@@ -264,7 +264,9 @@ class Trainer:
         self.best_acc, self.best_epoch = float(meta["best_acc"]), int(meta["best_epoch"])
         self.history = list(meta.get("history", []))
         self.clock = float(meta.get("clock", 0.0))
-        self.warmup_end = tuple(meta["warmup_end"]) if meta.get("warmup_end") else None
+        if meta.get("warmup_end"):
+            start_s, steps, *peak = meta["warmup_end"]
+            self.warmup_end = (float(start_s), int(steps), float(peak[0]) if peak else 1.0)
         if self.batch_in_epoch and "epoch_sums" in meta:
             self.epoch_sums = tuple(float(v) for v in meta["epoch_sums"])
         phase_index = int(meta.get("phase", -1))
@@ -272,6 +274,8 @@ class Trainer:
             self._enter_phase(phase_index)
             if "optimizer" in meta:
                 self.opt.load_state_dict(ckpt.unflatten_optimizer(tensors, meta["optimizer"]))
+                for g in self.opt.param_groups:  # a checkpoint from before fused optimizers would switch it off
+                    g["fused"] = self.opt.defaults.get("fused")
         prefix = "rng." if self.rank == 0 else f"rng.rank{self.rank}."
         if prefix + "aug" in tensors:  # absent when a run resumes with more processes: fresh seeded streams
             torch.set_rng_state(tensors[prefix + "torch"])
@@ -354,17 +358,19 @@ class Trainer:
         """The schedule's factor at ``phase_step``; under a time budget the decay also follows the clock.
 
         The warm-up keeps its steps unless it would eat more than a fifth of the budget (then the decay starts
-        there); from its end the decay reaches zero when the budget runs out, or at the last step if sooner.
+        there, from the factor the warm-up had reached); from its end the decay reaches zero when the budget runs
+        out, or at the last step if sooner.
         """
         if self.budget_s <= 0:
             return lr_at(phase_step, phase_steps, warmup, self.cfg.schedule)
         if self.warmup_end is None and (phase_step >= warmup or self.clock >= BUDGET_WARMUP_SHARE * self.budget_s):
-            self.warmup_end = (self.clock, min(phase_step, warmup))
+            steps = min(phase_step, warmup)
+            self.warmup_end = (self.clock, steps, max(steps, 1) / warmup if steps < warmup else 1.0)
         if self.warmup_end is None:
             return lr_at(phase_step, phase_steps, warmup, self.cfg.schedule)
-        start_s, warmup_steps = self.warmup_end
+        start_s, warmup_steps, peak = self.warmup_end
         fraction = (self.clock - start_s) / max(self.budget_s - start_s, 1e-9)
-        return lr_at(phase_step, phase_steps, warmup_steps, self.cfg.schedule, time_fraction=fraction)
+        return peak * lr_at(phase_step, phase_steps, warmup_steps, self.cfg.schedule, time_fraction=fraction)
 
     def _train_scale(self) -> float:
         """Progressive resizing: the training input's share of the full size now, from ``cfg.progressive_resize``
@@ -393,6 +399,12 @@ class Trainer:
             self.resume()
             if self.is_main and self.history:  # a run killed between saving last and rewriting metrics.jsonl
                 self._write_metrics()
+        if self.cfg.progressive_resize and hasattr(self.pipeline, "train_size"):
+            self.pipeline.set_train_scale(self._train_scale())
+            now, full = self.pipeline.train_size, self.pipeline.size
+            self.log(f"progressive resizing: training images at {now[0]}x{now[1]} px, growing to {full[0]}x{full[1]} "
+                     f"by {RESIZE_RAMP:.0%} of the run" if now != full else
+                     f"progressive resizing has no effect: {full[0]}x{full[1]} px images cannot shrink below 8 px")
         t_start = time.perf_counter()
         clock_base = self.clock  # the budget's seconds spent before this session (a resumed run)
         interrupted = False
@@ -407,13 +419,21 @@ class Trainer:
         epoch_bar = tqdm(total=shown_total, initial=self.epoch, desc="epochs", unit="ep",
                          disable=not bars, dynamic_ncols=True, leave=True)
         try:
-            while self.epoch < self.total_epochs and not self._budget_spent():
+            while self.epoch < self.total_epochs:
+                if self.budget_s > 0 and self.step > 0 and not self.batch_in_epoch:
+                    # the last validation may have spent the rest: no new epoch of one batch at lr 0. (A run always
+                    # trains a batch; an epoch cut by the budget, or by Ctrl-C after it, is always validated.)
+                    clock = clock_base + time.perf_counter() - t_start if self.rank == 0 else 0.0
+                    self.clock = distributed.all_reduce_sum([clock], self.prec.device)[0]
+                    if self._budget_spent():
+                        break
                 index, phase, phase_start = self._phase_for_epoch(self.epoch)
                 if index != self._phase_index:
                     self._enter_phase(index)
                 self._set_train_mode(phase)
-                warmup = int(self.cfg.warmup_epochs * self.steps_per_epoch) if index == 0 else 0
                 phase_steps = phase.epochs * self.steps_per_epoch
+                # at most a quarter of the phase: a 1-epoch run with the default 1-epoch warm-up would end at its peak
+                warmup = min(int(self.cfg.warmup_epochs * self.steps_per_epoch), phase_steps // 4) if index == 0 else 0
                 t0 = time.perf_counter()
                 loss_sum, correct, seen = self.epoch_sums if self.batch_in_epoch else (0.0, 0.0, 0.0)
                 seen_before = seen  # samples of this epoch trained before a resume: not in this session's time
@@ -428,6 +448,8 @@ class Trainer:
                 accum, first_batch = self.cfg.accum_steps, self.batch_in_epoch
                 group = (0.0, 0.0, 0.0)  # this rank's sums over the batches of the current accumulation group
                 for xb, yb in self.train_loader.epoch(self.epoch, self.batch_in_epoch):
+                    if self._budget_spent() and self.step > 0:
+                        break  # a resumed epoch whose budget had run out: straight to its validation
                     # groups of accum_steps batches from each epoch's start; the epoch's last may be shorter (and the
                     # first after a resume inside a group, which only a hard Ctrl-C can leave)
                     b = self.batch_in_epoch

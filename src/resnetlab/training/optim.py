@@ -47,7 +47,7 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, *,
 
 
 def _fusable(groups: list[dict]) -> bool:
-    """PyTorch's fused SGD/AdamW kernels take floating-point parameters on the CPU or CUDA, all on one device."""
+    """PyTorch's fused SGD/AdamW kernels take floating-point parameters on the CPU or CUDA (one device type)."""
     params = [p for g in groups for p in g["params"]]
     devices = {p.device.type for p in params}
     return bool(params) and len(devices) == 1 and devices <= {"cpu", "cuda"} and all(
