@@ -142,6 +142,22 @@ def scratch(name: str) -> Path:
     return path
 
 
+def cold_cache(data: Path, name: str, kind: str):
+    """Decode ``data`` into a fresh cache folder ``BENCH_CACHE/<name>``, timed and printed.
+
+    Returns ``(prepared, cache folder, seconds)``; ``kind`` names the files in the printed line ("JPEGs").
+    """
+    from resnetlab.data.prepare import prepare_data
+
+    cache = scratch(name)
+    t0 = time.perf_counter()
+    prepared = prepare_data(str(data), cache_dir=str(cache), progress=False, log=lambda m: None)
+    seconds = round(time.perf_counter() - t0, 1)
+    print(f"cache build (cold, {len(prepared.train)} train + {len(prepared.val)} test {kind}): {seconds} s",
+          flush=True)
+    return prepared, cache, seconds
+
+
 def record(name: str, rec: dict) -> Path:
     """Append ``rec`` to ``benchmarks/results/<name>.json`` (a JSON list, one entry per run)."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ import resnetlab  # noqa: E402
 from _common import (  # noqa: E402
     add_threads_arg,
     apply_threads,
+    cold_cache,
     dataset,
     machine,
     median,
@@ -39,7 +40,6 @@ from _common import (  # noqa: E402
 )
 from resnetlab.data.image_pipeline import ImagePipeline  # noqa: E402
 from resnetlab.data.loader import DeviceLoader  # noqa: E402
-from resnetlab.data.prepare import prepare_data  # noqa: E402
 from resnetlab.models.registry import list_models, register_model  # noqa: E402
 from resnetlab.models.resnet import ResNet  # noqa: E402
 from resnetlab.training.config import TrainConfig  # noqa: E402
@@ -129,12 +129,8 @@ def main(argv=None) -> int:
     print_machine(info)
     register_extra()
     data = dataset("cifar10")
-    cache = scratch("cifar10-cpu-cache")
     runs = scratch("cifar10-cpu-runs")
-    t0 = time.perf_counter()
-    prepared = prepare_data(str(data), cache_dir=str(cache), progress=False, log=lambda m: None)
-    cache_s = round(time.perf_counter() - t0, 1)
-    print(f"cache build (cold, {len(prepared.train)} train + {len(prepared.val)} test JPEGs): {cache_s} s", flush=True)
+    prepared, cache, cache_s = cold_cache(data, "cifar10-cpu-cache", "JPEGs")
 
     cal = calibrate(args.arch, prepared.train.x, prepared.train.y, RECIPE["batch_size"], 4 if args.quick else 8,
                     runs / "calibration")

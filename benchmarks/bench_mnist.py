@@ -27,6 +27,7 @@ import resnetlab  # noqa: E402
 from _common import (  # noqa: E402
     add_threads_arg,
     apply_threads,
+    cold_cache,
     dataset,
     machine,
     print_machine,
@@ -34,7 +35,6 @@ from _common import (  # noqa: E402
     scratch,
     verdict,
 )
-from resnetlab.data.prepare import prepare_data  # noqa: E402
 from resnetlab.models.registry import list_models, register_model  # noqa: E402
 from resnetlab.models.resnet import ResNet  # noqa: E402
 
@@ -114,12 +114,8 @@ def main(argv=None) -> int:
     print_machine(info)
     register_extra()
     data = dataset("mnist")
-    cache = scratch("mnist-cache")
     runs = scratch("mnist-runs")
-    t0 = time.perf_counter()
-    prepared = prepare_data(str(data), cache_dir=str(cache), progress=False, log=lambda m: None)
-    cache_s = round(time.perf_counter() - t0, 1)
-    print(f"cache build (cold, {len(prepared.train)} train + {len(prepared.val)} test PNGs): {cache_s} s", flush=True)
+    prepared, cache, cache_s = cold_cache(data, "mnist-cache", "PNGs")
     epochs = 1 if args.quick else None
     results = []
     for name in args.recipe:

@@ -84,6 +84,42 @@ def tiny_data(make_dataset) -> Path:
     return make_dataset("folders")
 
 
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``resnetlab ARGV`` in this process: the exit code, stdout and stderr."""
+    from resnetlab.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(err: str, *fragments: str) -> str:
+    """``err`` is one line, no traceback, holding every fragment; returns the line."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], f"{f!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def options_argv(options: dict) -> list[str]:
+    """``{"batch_size": 4, "flip": False}`` -> ``["--batch-size", "4", "--no-flip"]``."""
+    argv = []
+    for k, v in options.items():
+        opt = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            argv.append(opt if v else "--no-" + k.replace("_", "-"))
+        else:
+            argv += [opt, str(v)]
+    return argv
+
+
+def train_argv(tmp_path: Path, data: Path, **overrides) -> list[str]:
+    """``resnetlab train`` arguments for a tiny run (``tiny_options``) on ``data``."""
+    return ["train", "--data", str(data), *options_argv(tiny_options(tmp_path, **overrides))]
+
+
 def tiny_options(tmp_path: Path, **overrides) -> dict:
     """Keyword options for ``resnetlab.train`` that keep a run at a few seconds on two CPU cores."""
     opts = dict(arch="resnet20", img_size=16, batch_size=4, epochs=2, device="cpu", precision="fp32",

@@ -23,38 +23,10 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import tiny_options, write_class_folders
+from conftest import assert_one_line_error, run_cli, train_argv, write_class_folders
 from resnetlab.api import load_model
-from resnetlab.cli import main
 from resnetlab.training import checkpoint as ckpt
 from resnetlab.training.checkpoint import read_checkpoint, save_checkpoint
-
-
-def _run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line(err: str, *fragments: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    assert "Traceback" not in err
-    for f in fragments:
-        assert f in lines[0], f"{f!r} not in {lines[0]!r}"
-    return lines[0]
-
-
-def _train_argv(tmp_path: Path, data: Path, **overrides) -> list[str]:
-    argv = ["train", "--data", str(data)]
-    for k, v in tiny_options(tmp_path, **overrides).items():
-        opt = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            argv.append(opt if v else "--no-" + k.replace("_", "-"))
-        else:
-            argv += [opt, str(v)]
-    return argv
-
 
 # --- bad files ------------------------------------------------------------------------------------------------
 
@@ -108,9 +80,9 @@ def test_strict_data_refuses_a_bad_image_naming_it(capsys, tmp_path, name):
     data = write_class_folders(tmp_path / "data")
     bad = data / "c0" / name
     bad.write_bytes(BAD_IMAGES[name]())
-    code, _, err = _run(capsys, *_train_argv(tmp_path, data, epochs=1), "--strict-data")
+    code, _, err = run_cli(capsys, *train_argv(tmp_path, data, epochs=1), "--strict-data")
     assert code == 2
-    _one_line(err, str(bad), IMAGE_REASONS[name])
+    assert_one_line_error(err, str(bad), IMAGE_REASONS[name])
     assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before training
 
 
@@ -118,7 +90,7 @@ def test_bad_images_are_skipped_and_listed_and_training_goes_on(capsys, tmp_path
     data = write_class_folders(tmp_path / "data")
     for name, make in BAD_IMAGES.items():
         (data / "c1" / name).write_bytes(make())
-    code, out, err = _run(capsys, *_train_argv(tmp_path, data, epochs=1))
+    code, out, err = run_cli(capsys, *train_argv(tmp_path, data, epochs=1))
     assert code == 0, err
     assert "Traceback" not in err
     skipped = [ln for ln in out.splitlines() if ln.startswith("skipped")]
@@ -142,9 +114,9 @@ def test_strict_data_refuses_bad_audio_naming_it(capsys, tmp_path, name):
     bad.write_bytes(BAD_AUDIO[name](tmp_path / "scratch.wav"))
     argv = ["train", "--data", data, "--out", tmp_path / "run", "--cache-dir", tmp_path / "cache", "--epochs", "1",
             "--device", "cpu", "--quiet", "--strict-data", "--sample-rate", "8000", "--duration", "0.25"]
-    code, _, err = _run(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     assert code == 2
-    _one_line(err, str(bad))
+    assert_one_line_error(err, str(bad))
 
 
 def test_predict_on_garbage_files_reports_each_and_exits_1(capsys, tmp_path, trained_run):
@@ -153,9 +125,9 @@ def test_predict_on_garbage_files_reports_each_and_exits_1(capsys, tmp_path, tra
     for name, make in BAD_IMAGES.items():
         files.append(tmp_path / name)
         files[-1].write_bytes(make())
-    code, out, err = _run(capsys, "predict", result.run_dir, *files, "--device", "cpu")
+    code, out, err = run_cli(capsys, "predict", result.run_dir, *files, "--device", "cpu")
     assert code == 1
-    _one_line(err, f"{len(files)} of {len(files)} files could not be read")
+    assert_one_line_error(err, f"{len(files)} of {len(files)} files could not be read")
     for f in files:
         assert f"{f}: error: " in out
 
@@ -174,9 +146,9 @@ def test_predict_on_garbage_files_reports_each_and_exits_1(capsys, tmp_path, tra
 def test_broken_manifest_is_one_line_naming_the_line(capsys, tmp_path, make_dataset, rows, fragments):
     manifest = make_dataset("csv")
     manifest.write_text("\n".join(rows) + "\n")
-    code, _, err = _run(capsys, *_train_argv(tmp_path, manifest, epochs=1))
+    code, _, err = run_cli(capsys, *train_argv(tmp_path, manifest, epochs=1))
     assert code == 2
-    _one_line(err, str(manifest), *fragments)
+    assert_one_line_error(err, str(manifest), *fragments)
 
 
 # --- models and checkpoints that do not fit ----------------------------------------------------------------------
@@ -185,10 +157,10 @@ def test_broken_manifest_is_one_line_naming_the_line(capsys, tmp_path, make_data
 def test_evaluate_on_classes_the_model_never_saw(capsys, tmp_path, trained_run):
     result, _ = trained_run
     data = write_class_folders(tmp_path / "data", classes=4)  # c0..c2 are known, c3 is not
-    code, _, err = _run(capsys, "evaluate", result.run_dir, "--data", data, "--out", tmp_path / "eval",
-                        "--device", "cpu")
+    code, _, err = run_cli(capsys, "evaluate", result.run_dir, "--data", data, "--out", tmp_path / "eval",
+                           "--device", "cpu")
     assert code == 2
-    _one_line(err, "'c3'")
+    assert_one_line_error(err, "'c3'")
 
 
 def test_checkpoint_whose_head_does_not_match_its_classes(capsys, tmp_path, trained_run):
@@ -196,20 +168,21 @@ def test_checkpoint_whose_head_does_not_match_its_classes(capsys, tmp_path, trai
     tensors, meta = read_checkpoint(Path(result.run_dir) / "checkpoints" / "best.safetensors")
     meta.update(num_classes=5, classes=["c0", "c1", "c2", "c3", "c4"])  # the fc layer still has 3 outputs
     bad = save_checkpoint(tmp_path / "tampered.safetensors", tensors, meta, keep_previous=False)
-    code, _, err = _run(capsys, "evaluate", bad, "--data", data, "--out", tmp_path / "eval", "--device", "cpu")
+    code, _, err = run_cli(capsys, "evaluate", bad, "--data", data, "--out", tmp_path / "eval", "--device", "cpu")
     assert code == 2
-    _one_line(err, str(bad), "does not fit the model", "fc.weight", "[3, 64] in the file, [5, 64] in the model")
+    assert_one_line_error(err, str(bad), "does not fit the model", "fc.weight",
+                          "[3, 64] in the file, [5, 64] in the model")
 
 
 def test_resume_with_every_checkpoint_damaged_is_one_line(capsys, tmp_path, tiny_data):
-    argv = _train_argv(tmp_path, tiny_data, epochs=2)
-    assert _run(capsys, *argv)[0] == 0
+    argv = train_argv(tmp_path, tiny_data, epochs=2)
+    assert run_cli(capsys, *argv)[0] == 0
     for name in ("last.safetensors", "last.prev.safetensors"):
         path = tmp_path / "run" / "checkpoints" / name
         path.write_bytes(path.read_bytes()[:100])
-    code, _, err = _run(capsys, "train", "--out", tmp_path / "run", "--resume", "--quiet")
+    code, _, err = run_cli(capsys, "train", "--out", tmp_path / "run", "--resume", "--quiet")
     assert code == 2
-    _one_line(err, "last.prev.safetensors", "truncated")
+    assert_one_line_error(err, "last.prev.safetensors", "truncated")
 
 
 # --- malicious pickles ------------------------------------------------------------------------------------------
@@ -246,9 +219,9 @@ def test_a_malicious_pickle_is_refused_and_never_run(capsys, tmp_path, trained_r
             "predict": ["predict", evil, image, "--device", "cpu"],
             "finetune": ["finetune", "--pretrained", evil, "--data", data, "--out", tmp_path / "ft", "--epochs", "1",
                          "--device", "cpu", "--quiet", "--cache-dir", tmp_path / "cache"]}[command]
-    code, _, err = _run(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     assert code == 2
-    line = _one_line(err, str(evil))
+    line = assert_one_line_error(err, str(evil))
     assert "pickle" in line or "unpickle" in line
     assert not marker.exists()  # test_the_payload_is_real shows that unpickling would create it
 
@@ -264,9 +237,9 @@ def test_the_payload_is_real(tmp_path):
 
 
 def test_lr_1e30_stops_with_one_line_and_exit_1(capsys, tmp_path, tiny_data):
-    code, _, err = _run(capsys, *_train_argv(tmp_path, tiny_data, lr=1e30, epochs=2))
+    code, _, err = run_cli(capsys, *train_argv(tmp_path, tiny_data, lr=1e30, epochs=2))
     assert code == 1
-    line = _one_line(err, "--lr", "no checkpoint was written before it")
+    line = assert_one_line_error(err, "--lr", "no checkpoint was written before it")
     assert "nan" in line.lower() or "inf" in line.lower()
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["lr"] == 1e30
     assert not list((tmp_path / "run" / "checkpoints").glob("*.safetensors"))
@@ -274,14 +247,14 @@ def test_lr_1e30_stops_with_one_line_and_exit_1(capsys, tmp_path, tiny_data):
 
 def test_divergence_after_good_epochs_keeps_last_and_best(capsys, tmp_path, tiny_data):
     run = tmp_path / "run"
-    assert _run(capsys, *_train_argv(tmp_path, tiny_data, epochs=2))[0] == 0
+    assert run_cli(capsys, *train_argv(tmp_path, tiny_data, epochs=2))[0] == 0
     before = {p.name: p.read_bytes() for p in (run / "checkpoints").glob("*.safetensors")}
     config = yaml.safe_load((run / "config.yaml").read_text())
     config.update(epochs=4, lr=1e30)  # an edited config: two more epochs at an absurd rate
     (run / "config.yaml").write_text(yaml.safe_dump(config))
-    code, _, err = _run(capsys, "train", "--out", run, "--resume", "--quiet")
+    code, _, err = run_cli(capsys, "train", "--out", run, "--resume", "--quiet")
     assert code == 1
-    _one_line(err, "at epoch 3", "checkpoints/last (end of epoch 2) is kept")
+    assert_one_line_error(err, "at epoch 3", "checkpoints/last (end of epoch 2) is kept")
     after = {p.name: p.read_bytes() for p in (run / "checkpoints").glob("*.safetensors")}
     assert after == before  # nothing written after the divergence
     model, _, meta = load_model(run, which="best")
@@ -328,9 +301,9 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one(capsys, tmp_
 
     monkeypatch.setattr(ckpt, "open", open_filling_up, raising=False)
     run = tmp_path / "run"
-    code, _, err = _run(capsys, *_train_argv(tmp_path, tiny_data, epochs=3))
+    code, _, err = run_cli(capsys, *train_argv(tmp_path, tiny_data, epochs=3))
     assert code == 1
-    line = _one_line(err, "No space left on device", str(run / "checkpoints"))
+    line = assert_one_line_error(err, "No space left on device", str(run / "checkpoints"))
     failed = Path(line.rsplit(": ", 1)[1])
     assert failed.name in ("best.safetensors", "last.safetensors")
     assert read_checkpoint(failed)[1]["epoch"] == 1  # the file being replaced is intact
@@ -338,7 +311,7 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one(capsys, tmp_
     assert not [p.name for p in (run / "checkpoints").iterdir() if ".tmp" in p.name]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
     monkeypatch.undo()
-    code, _, _ = _run(capsys, "train", "--out", run, "--resume", "--quiet")  # space freed: the run goes on
+    code, _, _ = run_cli(capsys, "train", "--out", run, "--resume", "--quiet")  # space freed: the run goes on
     assert code == 0
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
 
@@ -358,9 +331,9 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one(capsys, tmp_
 def test_bad_yaml_is_one_line_naming_the_problem(capsys, tmp_path, tiny_data, text, fragments):
     config = tmp_path / "run.yaml"
     config.write_bytes(text if isinstance(text, bytes) else text.encode())
-    code, _, err = _run(capsys, "train", "--config", config, "--data", tiny_data, "--out", tmp_path / "run")
+    code, _, err = run_cli(capsys, "train", "--config", config, "--data", tiny_data, "--out", tmp_path / "run")
     assert code == 2
-    _one_line(err, *fragments)
+    assert_one_line_error(err, *fragments)
     assert not (tmp_path / "run").exists()
 
 
@@ -377,7 +350,7 @@ def test_bad_yaml_is_one_line_naming_the_problem(capsys, tmp_path, tiny_data, te
     ("--mean", "0.5,nan,0.5", "expected list"),
 ])
 def test_bad_option_values_are_one_line(capsys, tmp_path, tiny_data, option, value, fragment):
-    code, _, err = _run(capsys, "train", "--data", tiny_data, "--out", tmp_path / "run", option, value)
+    code, _, err = run_cli(capsys, "train", "--data", tiny_data, "--out", tmp_path / "run", option, value)
     assert code == 2
-    _one_line(err, fragment)
+    assert_one_line_error(err, fragment)
     assert not (tmp_path / "run").exists()

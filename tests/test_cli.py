@@ -7,45 +7,18 @@ import io
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import tiny_options
+from conftest import assert_one_line_error, run_cli, train_argv
 from resnetlab.cli import main
 from resnetlab.training.engine import Trainer
-
-
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _assert_one_line_error(err: str, *fragments: str) -> None:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    assert "Traceback" not in err
-    for f in fragments:
-        assert f in lines[0], f"{f!r} not in {lines[0]!r}"
-
-
-def _train_argv(tmp_path: Path, data: Path, **overrides) -> list[str]:
-    argv = ["train", "--data", str(data)]
-    for k, v in tiny_options(tmp_path, **overrides).items():
-        opt = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            argv.append(opt if v else "--no-" + k.replace("_", "-"))
-        else:
-            argv += [opt, str(v)]
-    return argv
-
 
 # --- models --------------------------------------------------------------------------------------------------
 
 
 def test_models_table_lists_resnet50_with_its_size(capsys):
-    code, out, _ = _run(capsys, "models", "resnet50")
+    code, out, _ = run_cli(capsys, "models", "resnet50")
     assert code == 0
     header, *rows = out.strip().splitlines()
     assert header.split()[:3] == ["name", "params", "MACs"]
@@ -55,14 +28,14 @@ def test_models_table_lists_resnet50_with_its_size(capsys):
 
 @pytest.mark.slow
 def test_models_full_table(capsys):
-    code, out, _ = _run(capsys, "models")
+    code, out, _ = run_cli(capsys, "models")
     assert code == 0
     names = [line.split()[0] for line in out.strip().splitlines()[1:]]
     assert {"resnet18", "resnet20", "resnet50", "res15"} <= set(names)
 
 
 def test_models_json_parses(capsys):
-    code, out, _ = _run(capsys, "models", "resnet5*", "--format", "json")
+    code, out, _ = run_cli(capsys, "models", "resnet5*", "--format", "json")
     assert code == 0
     rows = json.loads(out)
     by_name = {r["name"]: r for r in rows}
@@ -72,18 +45,18 @@ def test_models_json_parses(capsys):
 
 
 def test_unknown_model_pattern_exits_2_naming_the_choices(capsys):
-    code, out, err = _run(capsys, "models", "nope")
+    code, out, err = run_cli(capsys, "models", "nope")
     assert code == 2 and out == ""
-    _assert_one_line_error(err, "'nope'", "resnet50", "resnet20")
+    assert_one_line_error(err, "'nope'", "resnet50", "resnet20")
 
 
 # --- train: argument errors ----------------------------------------------------------------------------------
 
 
 def test_train_unknown_arch_exits_2_naming_the_choices(capsys, tmp_path):
-    code, _, err = _run(capsys, "train", "--arch", "nope", "--data", tmp_path, "--cache-dir", tmp_path / "c")
+    code, _, err = run_cli(capsys, "train", "--arch", "nope", "--data", tmp_path, "--cache-dir", tmp_path / "c")
     assert code == 2
-    _assert_one_line_error(err, "unknown model 'nope'", "resnet20", "resnet50")
+    assert_one_line_error(err, "unknown model 'nope'", "resnet20", "resnet50")
 
 
 @pytest.mark.parametrize("argv, fragments", [
@@ -96,9 +69,9 @@ def test_train_unknown_arch_exits_2_naming_the_choices(capsys, tmp_path):
     (["--img-size", "4"], ["'img_size'", "4", ">= 8"]),
 ])
 def test_train_bad_values_exit_2_with_one_line(capsys, tmp_path, tiny_data, argv, fragments):
-    code, _, err = _run(capsys, "train", "--data", tiny_data, "--out", tmp_path / "run", *argv)
+    code, _, err = run_cli(capsys, "train", "--data", tiny_data, "--out", tmp_path / "run", *argv)
     assert code == 2
-    _assert_one_line_error(err, "resnetlab train: error:", *fragments)
+    assert_one_line_error(err, "resnetlab train: error:", *fragments)
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
@@ -113,26 +86,26 @@ def test_train_bad_choice_is_an_argparse_error(capsys):
 def test_train_bad_yaml_exits_2_naming_the_file(capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochs: [3\n")
-    code, _, err = _run(capsys, "train", "--config", bad)
+    code, _, err = run_cli(capsys, "train", "--config", bad)
     assert code == 2
-    _assert_one_line_error(err, str(bad), "line")
+    assert_one_line_error(err, str(bad), "line")
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("epochs: 3\nlearning_rate: 0.1\n")
-    code, _, err = _run(capsys, "train", "--config", unknown)
+    code, _, err = run_cli(capsys, "train", "--config", unknown)
     assert code == 2
-    _assert_one_line_error(err, "'learning_rate'", "allowed:")
+    assert_one_line_error(err, "'learning_rate'", "allowed:")
 
 
 def test_train_without_data_exits_2(capsys):
-    code, _, err = _run(capsys, "train", "--epochs", "1")
+    code, _, err = run_cli(capsys, "train", "--epochs", "1")
     assert code == 2
-    _assert_one_line_error(err, "--data")
+    assert_one_line_error(err, "--data")
 
 
 def test_train_missing_dataset_exits_2(capsys, tmp_path):
-    code, _, err = _run(capsys, "train", "--data", tmp_path / "missing", "--cache-dir", tmp_path / "c")
+    code, _, err = run_cli(capsys, "train", "--data", tmp_path / "missing", "--cache-dir", tmp_path / "c")
     assert code == 2
-    _assert_one_line_error(err, "dataset not found", str(tmp_path / "missing"))
+    assert_one_line_error(err, "dataset not found", str(tmp_path / "missing"))
 
 
 # --- train: a run, an interruption and a resume --------------------------------------------------------------
@@ -149,11 +122,11 @@ def test_train_interrupt_exits_130_and_resume_finishes(capsys, tmp_path, tiny_da
         return original(self, xb, yb)
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
-    code, out, _ = _run(capsys, *_train_argv(tmp_path, tiny_data, epochs=3))
+    code, out, _ = run_cli(capsys, *train_argv(tmp_path, tiny_data, epochs=3))
     assert code == 130
     assert "interrupted at epoch 2, batch 1" in out
     monkeypatch.undo()
-    code, out, _ = _run(capsys, "train", "--out", tmp_path / "run", "--resume", "--quiet")
+    code, out, _ = run_cli(capsys, "train", "--out", tmp_path / "run", "--resume", "--quiet")
     assert code == 0
     assert "resumed from" in out and "epoch 3/3" in out and "best val accuracy" in out
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
@@ -164,14 +137,14 @@ def test_train_interrupt_exits_130_and_resume_finishes(capsys, tmp_path, tiny_da
 
 def test_evaluate_prints_the_table(capsys, tmp_path, trained_run):
     result, data = trained_run
-    code, out, _ = _run(capsys, "evaluate", result.run_dir, "--data", data, "--device", "cpu", "--out", tmp_path)
+    code, out, _ = run_cli(capsys, "evaluate", result.run_dir, "--data", data, "--device", "cpu", "--out", tmp_path)
     assert code == 0
     for name in ("c0", "c1", "c2", "macro avg", "weighted avg", "precision", "recall", "f1"):
         assert name in out
     assert "top-1" in out and "on 36 samples" in out
     assert (tmp_path / "eval.json").is_file()
-    code, out, _ = _run(capsys, "evaluate", result.run_dir, "--data", data, "--device", "cpu", "--out", tmp_path,
-                        "--format", "json")
+    code, out, _ = run_cli(capsys, "evaluate", result.run_dir, "--data", data, "--device", "cpu", "--out", tmp_path,
+                           "--format", "json")
     summary = json.loads(out)
     assert code == 0 and summary["n"] == 36 and 0 <= summary["top1"] <= 1 and "confusion_matrix" not in summary
 
@@ -179,15 +152,15 @@ def test_evaluate_prints_the_table(capsys, tmp_path, trained_run):
 def test_predict_formats(capsys, tmp_path, trained_run):
     result, data = trained_run
     files = [data / "c0" / "0.png", data / "c1" / "0.png"]
-    code, out, err = _run(capsys, "predict", result.run_dir, *files, "--top-k", "2", "--format", "json",
-                          "--device", "cpu")
+    code, out, err = run_cli(capsys, "predict", result.run_dir, *files, "--top-k", "2", "--format", "json",
+                             "--device", "cpu")
     assert code == 0 and err == ""
     rows = json.loads(out)
     assert [r["file"] for r in rows] == [str(f) for f in files]
     assert all(len(r["top_k"]) == 2 and {"label", "prob"} == set(r["top_k"][0]) for r in rows)
 
-    code, out, _ = _run(capsys, "predict", result.run_dir, *files, "--top-k", "2", "--format", "csv",
-                        "--device", "cpu")
+    code, out, _ = run_cli(capsys, "predict", result.run_dir, *files, "--top-k", "2", "--format", "csv",
+                           "--device", "cpu")
     table = list(csv.reader(io.StringIO(out)))
     assert code == 0 and table[0] == ["file", "rank", "label", "prob", "error"]
     assert len(table) == 1 + 2 * 2
@@ -197,7 +170,7 @@ def test_predict_formats(capsys, tmp_path, trained_run):
     assert [(r[2], float(r[3])) for r in table[1:]] == [
         (t["label"], pytest.approx(t["prob"], abs=1e-6)) for r in rows for t in r["top_k"]]
 
-    code, out, _ = _run(capsys, "predict", result.run_dir, *files, "--top-k", "1", "--device", "cpu")
+    code, out, _ = run_cli(capsys, "predict", result.run_dir, *files, "--top-k", "1", "--device", "cpu")
     lines = out.strip().splitlines()
     assert code == 0 and len(lines) == 2
     assert lines[0].startswith(f"{files[0]}: ") and lines[0].count("(") == 1
@@ -207,32 +180,32 @@ def test_predict_with_a_corrupt_file_exits_1_and_reports_it(capsys, tmp_path, tr
     result, data = trained_run
     bad = tmp_path / "bad.jpg"
     bad.write_text("not a jpeg")
-    code, out, err = _run(capsys, "predict", result.run_dir, data / "c0" / "0.png", bad, "--format", "csv",
-                          "--device", "cpu")
+    code, out, err = run_cli(capsys, "predict", result.run_dir, data / "c0" / "0.png", bad, "--format", "csv",
+                             "--device", "cpu")
     assert code == 1
     table = list(csv.reader(io.StringIO(out)))
     bad_rows = [row for row in table[1:] if row[0] == str(bad)]
     assert len(bad_rows) == 1 and bad_rows[0][4]  # an error column, and no ranks for it
     assert len(table) == 1 + 3 + 1
-    _assert_one_line_error(err, "1 of 2 files could not be read")
+    assert_one_line_error(err, "1 of 2 files could not be read")
 
 
 def test_missing_run_dir_exits_2_with_one_line(capsys, tmp_path, trained_run):
     _, data = trained_run
     missing = tmp_path / "no-such-run"
-    code, _, err = _run(capsys, "predict", missing, data / "c0" / "0.png")
+    code, _, err = run_cli(capsys, "predict", missing, data / "c0" / "0.png")
     assert code == 2
-    _assert_one_line_error(err, "resnetlab predict: error:", str(missing))
-    code, _, err = _run(capsys, "evaluate", missing, "--data", data)
+    assert_one_line_error(err, "resnetlab predict: error:", str(missing))
+    code, _, err = run_cli(capsys, "evaluate", missing, "--data", data)
     assert code == 2
-    _assert_one_line_error(err, "resnetlab evaluate: error:", str(missing))
+    assert_one_line_error(err, "resnetlab evaluate: error:", str(missing))
 
 
 def test_predict_missing_input_exits_2(capsys, tmp_path, trained_run):
     result, _ = trained_run
-    code, _, err = _run(capsys, "predict", result.run_dir, tmp_path / "nope.png")
+    code, _, err = run_cli(capsys, "predict", result.run_dir, tmp_path / "nope.png")
     assert code == 2
-    _assert_one_line_error(err, "input not found", str(tmp_path / "nope.png"))
+    assert_one_line_error(err, "input not found", str(tmp_path / "nope.png"))
 
 
 # --- the module entry point --------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import write_class_folders
+from conftest import options_argv, write_class_folders
 from resnetlab.data.loader import DeviceLoader
 from resnetlab.data.pipeline import Pipeline
 from resnetlab.models import create_model
@@ -44,15 +44,8 @@ def _train_args(data: Path, out: Path, cache: Path, **overrides) -> list[str]:
     opts = {"arch": "resnet20", "img_size": 16, "epochs": 6, "lr": 0.05, "warmup_epochs": 0, "val_fraction": 0.25,
             "device": "cpu", "precision": "fp32", "seed": 0, "grad_norm_every": 1}
     opts.update(overrides)
-    argv = ["train", "--data", str(data), "--out", str(out), "--cache-dir", str(cache), "--quiet", "--no-flip",
-            "--no-channels-last"]
-    for k, v in opts.items():
-        opt = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            argv.append(opt if v else "--no-" + k.replace("_", "-"))
-        else:
-            argv += [opt, str(v)]
-    return argv
+    return ["train", "--data", str(data), "--out", str(out), "--cache-dir", str(cache), "--quiet", "--no-flip",
+            "--no-channels-last", *options_argv(opts)]
 
 
 def _torchrun(nproc: int, argv: list[str]) -> list[str]:

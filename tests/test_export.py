@@ -56,6 +56,13 @@ def reference(run, files):
     return logits, graph_input, meta
 
 
+def _reference_samples(run, files):
+    """``reference``'s logits and the decoded samples, as a ``Predictor`` takes them."""
+    ref, _, meta = reference(run, files)
+    decode = decoder_for(meta["pipeline"])[0]
+    return ref, [decode(f) for f in files]
+
+
 def _modality(name: str) -> str:
     return name.split("-")[0]
 
@@ -177,9 +184,7 @@ def test_predictor_matches_api_predict(runs, inputs):
 
 def test_predictor_eager_and_bf16_backends(runs, inputs):
     for name in ("image-resnet20", "audio-tc_resnet8-mfcc-1d"):
-        ref, _, meta = reference(runs[name], inputs[_modality(name)])
-        decode = decoder_for(meta["pipeline"])[0]
-        samples = [decode(f) for f in inputs[_modality(name)]]
+        ref, samples = _reference_samples(runs[name], inputs[_modality(name)])
         eager = Predictor.load(runs[name], backend="eager", device="cpu")
         np.testing.assert_allclose(eager.logits(samples).numpy(), ref, atol=TOL, rtol=0)
         bf16 = Predictor.load(runs[name], backend="bf16", device="cpu")
@@ -193,9 +198,7 @@ def test_predictor_onnxruntime_backend(runs, inputs):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     for name in ("image-resnet20", "audio-res8-logmel"):
-        ref, _, meta = reference(runs[name], inputs[_modality(name)])
-        decode = decoder_for(meta["pipeline"])[0]
-        samples = [decode(f) for f in inputs[_modality(name)]]
+        ref, samples = _reference_samples(runs[name], inputs[_modality(name)])
         pred = Predictor.load(runs[name], backend="onnxruntime", device="cpu")
         np.testing.assert_allclose(pred.logits(samples).numpy(), ref, atol=TOL, rtol=0)
         np.testing.assert_allclose(pred.logits(samples[0]).numpy(), ref[:1], atol=TOL, rtol=0)  # one sample

@@ -407,6 +407,9 @@ class Trainer:
                      f"progressive resizing has no effect: {full[0]}x{full[1]} px images cannot shrink below 8 px")
         t_start = time.perf_counter()
         clock_base = self.clock  # the budget's seconds spent before this session (a resumed run)
+
+        def own_clock() -> float:  # what this process adds to the all-reduce of the clock: rank 0's time only
+            return clock_base + time.perf_counter() - t_start if self.rank == 0 else 0.0
         interrupted = False
         old_handlers = {}
         if self.is_main or self.distributed:
@@ -423,8 +426,7 @@ class Trainer:
                 if self.budget_s > 0 and self.step > 0 and not self.batch_in_epoch:
                     # the last validation may have spent the rest: no new epoch of one batch at lr 0. (A run always
                     # trains a batch; an epoch cut by the budget, or by Ctrl-C after it, is always validated.)
-                    clock = clock_base + time.perf_counter() - t_start if self.rank == 0 else 0.0
-                    self.clock = distributed.all_reduce_sum([clock], self.prec.device)[0]
+                    self.clock = distributed.all_reduce_sum([own_clock()], self.prec.device)[0]
                     if self._budget_spent():
                         break
                 index, phase, phase_start = self._phase_for_epoch(self.epoch)
@@ -468,8 +470,7 @@ class Trainer:
                     bar.update(1)
                     if self.batch_in_epoch < g_end:
                         continue  # the optimizer steps with the group's last batch; stops and saves wait for it
-                    clock = clock_base + time.perf_counter() - t_start if self.rank == 0 else 0.0
-                    totals = [*group, float(self._stop_requested), clock]
+                    totals = [*group, float(self._stop_requested), own_clock()]
                     if self.distributed:  # every rank's sums, one decision to stop, and rank 0's clock
                         totals = distributed.all_reduce_sum(totals, self.prec.device)
                     group = (0.0, 0.0, 0.0)
