@@ -1,7 +1,7 @@
 """Exact resume after SIGKILL: ``python -m resnetlab train`` killed at seeded random points (during start-up,
 mid-epoch, mid-validation, and once while a checkpoint is being written), resumed with ``--resume`` until it
 finishes, ends with the same bits as an uninterrupted run: every tensor of ``checkpoints/last`` (weights, BN
-statistics, optimizer, EMA, RNG states), the best checkpoint, the metrics and the gradient-norm log.
+statistics, optimizer, EMA, lookahead, RNG states), the best checkpoint, the metrics and the gradient-norm log.
 
 Deterministic mode on the CPU, fp32, one thread per process (``OMP_NUM_THREADS=1`` for every run, the reference
 included: the thread count changes how sums are split, hence their rounding).
@@ -32,8 +32,9 @@ TIMING_KEYS = {"seconds", "samples_per_s"}
 def _argv(data: Path, out: Path, cache: Path) -> list[str]:
     return ["train", "--data", str(data), "--out", str(out), "--cache-dir", str(cache), "--arch", "resnet20",
             "--img-size", "16", "--batch-size", "4", "--epochs", str(EPOCHS), "--lr", "0.05", "--warmup-epochs", "0.5",
-            "--val-fraction", "0.25", "--ema", "0.9", "--cutout", "4", "--deterministic", "--precision", "fp32",
-            "--device", "cpu", "--no-channels-last", "--grad-norm-every", "1", "--checkpoint-every", "3", "--quiet"]
+            "--val-fraction", "0.25", "--ema", "0.9", "--lookahead", "--cutout", "4", "--deterministic",
+            "--precision", "fp32", "--device", "cpu", "--no-channels-last", "--grad-norm-every", "1",
+            "--checkpoint-every", "3", "--quiet"]
 
 
 def _env(cache: Path, **extra: str) -> dict:

@@ -208,6 +208,18 @@ def _fit_and_report(cfg: TrainConfig, model: torch.nn.Module, prepared: Prepared
     return TrainResult(run_dir, fit.best_acc, fit.best_epoch, fit.epochs, fit.seconds, fit.interrupted, cfg, report)
 
 
+DATA_INIT_SAMPLES = 5000  # training samples a data-dependent initialisation (a whitening stem) looks at
+
+
+def init_from_data(model: torch.nn.Module, prepared: PreparedData, pipeline: Pipeline, log) -> None:
+    """A model's data-dependent initialisation (``FastResNet``'s whitening stem) from the first training samples,
+    normalised as the model will see them, unaugmented: the same samples on every rank under torchrun."""
+    n = min(len(prepared.train), DATA_INIT_SAMPLES)
+    x, _ = pipeline(torch.from_numpy(np.array(prepared.train.x[:n])), None, train=False)
+    model.init_from_data(x)
+    log(f"initialised {type(model).__name__}'s stem from {n} training samples")
+
+
 def model_meta(cfg: TrainConfig, prepared: PreparedData, in_chans: int, overrides: dict) -> dict:
     return {"arch": cfg.arch, "num_classes": prepared.spec.num_classes, "in_chans": in_chans,
             "model_overrides": overrides, "classes": prepared.spec.classes, "modality": prepared.spec.modality,
@@ -251,6 +263,8 @@ def train(data: str | None = None, *, config: str | Path | dict | TrainConfig | 
         overrides["zero_init_last"] = True
     in_chans = pipeline.input_size()[0]
     model = create_model(cfg.arch, num_classes=prepared.spec.num_classes, in_chans=in_chans, **overrides)
+    if hasattr(model, "init_from_data") and not cfg.resume:  # (a resumed run loads its trained weights over it)
+        init_from_data(model, prepared, pipeline, log)
     meta = model_meta(cfg, prepared, in_chans, overrides)
     result = run_training(cfg, model, prepared, pipeline, device, meta, log=log)
     log(f"best val accuracy {result.best_acc:.4f} at epoch {result.best_epoch}; "
@@ -283,15 +297,19 @@ def inference_precision(device: torch.device, meta: dict, ndim: int, channels_la
     return pick_precision(device, trained, channels_last, ndim)
 
 
-def evaluate(run_or_checkpoint: str | Path, data: str, *, tta: bool = False, batch_size: int = 256,
+def evaluate(run_or_checkpoint: str | Path, data: str, *, tta: bool | str = False, batch_size: int = 256,
              device: str = "auto", out: str | Path | None = None, cache_dir: str | None = None,
              strict_data: bool = False, log=print) -> dict:
     """Top-1/top-5 accuracy, per-class precision/recall/F1 and a confusion matrix of a trained model on ``data``.
 
     Uses the held-out split of ``data`` when it has one (``val/``, ``test/`` or a CSV split column), else every
     file. Writes ``eval.json`` and ``eval_confusion.png`` into ``out`` (default: the run directory).
+    ``tta``: ``"flip"`` (or ``True``) or ``"flip-shift"`` test-time augmentation (``predict_loader``).
     """
     from resnetlab.report.run_report import evaluation_summary, write_eval_plots
+    from resnetlab.training.evaluate import tta_mode
+
+    tta = tta_mode(tta) or False  # a bad name fails before anything is read
 
     model, pipeline, meta = load_model(run_or_checkpoint, device=device)
     dev = next(model.parameters()).device

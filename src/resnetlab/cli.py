@@ -74,7 +74,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "and eval_confusion.png beside the checkpoint's run.")
     e.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
     e.add_argument("--data", required=True, help="dataset folder, CSV manifest or builtin:NAME")
-    e.add_argument("--tta", action="store_true", help="average predictions with horizontally flipped inputs")
+    e.add_argument("--tta", nargs="?", const="flip", choices=("flip", "flip-shift"), default=None,
+                   help="test-time augmentation: average the predictions over mirrored inputs (flip, the default), "
+                        "or over mirrored and 1-pixel-shifted ones (flip-shift: 6 views, as airbench)")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     e.add_argument("--out", help="folder for eval.json (default: the run directory)")
@@ -222,7 +224,7 @@ def cmd_evaluate(args) -> int:
         return 0
     print(format_report_table(summary))
     print(f"top-1 {summary['top1']:.4f}  top-5 {summary['top5']:.4f}  on {summary['n']} samples"
-          f"{' (TTA)' if args.tta else ''}; written {summary['eval_json']}")
+          f"{f' (TTA {args.tta})' if args.tta else ''}; written {summary['eval_json']}")
     return 0
 
 

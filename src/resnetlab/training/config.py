@@ -105,6 +105,8 @@ class TrainConfig:
     label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy", check=FRACTION)
     ema: float = _opt(0.0, "decay of an exponential moving average of the weights, evaluated and saved as best "
                            "when better (0: off; e.g. 0.999)", check=FRACTION)
+    lookahead: bool = _opt(False, "lookahead weight averaging (airbench): every 5 steps the weights become a slow "
+                                  "average of themselves, weighted more toward the past as the run ends")
     grad_clip: float = _opt(0.0, "clip the global gradient norm to this value (0: off)", check=NON_NEGATIVE)
     accum_steps: int = _opt(1, "gradient accumulation: one optimizer step every N batches, each batch's loss divided "
                                "by N (effective batch: N x batch_size x processes)", check=AT_LEAST_ONE)
@@ -162,6 +164,8 @@ class TrainConfig:
                                     "(0: at the end of each epoch only)", group="engine", check=NON_NEGATIVE)
     sync_bn: bool = _opt(False, "distributed (torchrun): BatchNorm statistics over the global batch instead of each "
                                 "process's (SyncBatchNorm; CUDA only)", group="engine")
+    val_every: int = _opt(1, "validate every N epochs, and always after the last (0: after the last only; saves "
+                             "time in short runs)", group="engine", check=NON_NEGATIVE)
     quiet: bool = _opt(False, "no progress bars: one line per epoch, for logs", group="engine")
     grad_norm_every: int = _opt(20, "record per-stage gradient norms every N steps (0: off)", group="engine",
                                 check=NON_NEGATIVE)

@@ -108,6 +108,8 @@ class Trainer:
         self.log = log
         self.is_main = distributed.is_main() if is_main is None else is_main
         self.phases = phases or [Phase("train", cfg.epochs)]
+        # parameters the model froze itself (FastResNet's whitening filters and BN scales) stay frozen in every phase
+        self.fixed = {name for name, p in self.model.named_parameters() if not p.requires_grad}
         self.total_epochs = sum(p.epochs for p in self.phases)
         if cfg.time_budget and len(self.phases) > 1:
             raise ValueError(f"--time-budget works with single-phase training (train, or finetune --strategy full or "
@@ -127,6 +129,10 @@ class Trainer:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+        # lookahead: the slow copy of every floating-point weight and buffer (see _lookahead)
+        self.slow: dict[str, torch.Tensor] | None = (
+            {k: v.detach().clone() for k, v in self.model.state_dict().items() if v.is_floating_point()}
+            if cfg.lookahead else None)
         self.ddp: nn.Module | None = None  # DistributedDataParallel(self.model), built by _enter_phase
         self.forward_model = torch.compile(self.model) if cfg.compile else self.model
         self._accum = (0, 1)  # (index in its accumulation group, group size) of the next train_step's batch
@@ -156,9 +162,11 @@ class Trainer:
 
         phase = self.phases[index]
         for name, p in self.model.named_parameters():
-            p.requires_grad_(not any(fnmatch.fnmatch(name, pat) for pat in phase.freeze))
+            p.requires_grad_(name not in self.fixed and not any(fnmatch.fnmatch(name, pat) for pat in phase.freeze))
         lr = phase.lr if phase.lr is not None else self.cfg.lr
-        groups = param_groups(self.model, self.cfg.weight_decay, lr, lr_mult=phase.lr_mult)
+        # a phase's own multipliers (fine-tuning), else the model's (FastResNet's fast BN biases), else none
+        lr_mult = phase.lr_mult or getattr(ckpt.unwrap(self.model), "lr_multipliers", dict)()
+        groups = param_groups(self.model, self.cfg.weight_decay, lr, lr_mult=lr_mult)
         if not groups:
             raise ValueError(f"phase {phase.name!r} freezes every parameter: nothing to train")
         self.opt = build_optimizer(groups, self.cfg.optimizer, lr, self.cfg.momentum)
@@ -231,6 +239,8 @@ class Trainer:
         if self.ema is not None:
             tensors.update({"ema." + k: v for k, v in self.ema.module.state_dict().items()})
             tensors["ema_n_averaged"] = self.ema.n_averaged.detach().cpu().reshape(1)
+        if self.slow is not None:
+            tensors.update({"lookahead." + k: v for k, v in self.slow.items()})
         if self.opt is not None:
             opt_tensors, opt_info = ckpt.flatten_optimizer(self.opt)
             tensors.update(opt_tensors)
@@ -259,6 +269,11 @@ class Trainer:
         if self.ema is not None and any(k.startswith("ema.") for k in tensors):
             self.ema.module.load_state_dict(ckpt.strip_prefix(tensors, "ema."))
             self.ema.n_averaged.copy_(tensors["ema_n_averaged"].reshape(()).to(self.ema.n_averaged.device))
+        if self.slow is not None:  # a checkpoint without it (lookahead turned on later): start from the weights
+            saved = ckpt.strip_prefix(tensors, "lookahead.")
+            state = self.model.state_dict()
+            for k, v in self.slow.items():
+                v.copy_(saved[k] if k in saved else state[k])
         self.epoch, self.step = int(meta["epoch"]), int(meta["step"])
         self.batch_in_epoch = int(meta.get("batch_in_epoch", 0))
         self.best_acc, self.best_epoch = float(meta["best_acc"]), int(meta["best_epoch"])
@@ -349,6 +364,20 @@ class Trainer:
             self.opt.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
+        if self.slow is not None and (group_step + 1) % LOOKAHEAD_EVERY == 0:
+            self._lookahead()
+
+    @torch.no_grad()
+    def _lookahead(self) -> None:
+        """airbench's lookahead: the slow weights move toward the fast ones by ``1 - alpha``, then the fast ones
+        restart from them; ``alpha`` grows with the cube of the run's progress (0 at the start: the slow weights
+        follow; 0.77 at the end: an average over the last few hundred steps)."""
+        alpha = 0.95 ** LOOKAHEAD_EVERY * self._progress() ** 3
+        state = self.model.state_dict()
+        slow = list(self.slow.values())
+        fast = [state[k] for k in self.slow]
+        torch._foreach_lerp_(slow, fast, 1.0 - alpha)
+        torch._foreach_copy_(fast, slow)
 
     # --- time budget ---------------------------------------------------------------------------------
     def _budget_spent(self) -> bool:
@@ -375,11 +404,15 @@ class Trainer:
     def _train_scale(self) -> float:
         """Progressive resizing: the training input's share of the full size now, from ``cfg.progressive_resize``
         at the start to 1 at ``RESIZE_RAMP`` of the run (of its steps, or of its time budget if that is ahead)."""
+        start = self.cfg.progressive_resize
+        return start + (1.0 - start) * min(self._progress() / RESIZE_RAMP, 1.0)
+
+    def _progress(self) -> float:
+        """The run's share done, in [0, 1]: of its steps, or of its time budget if that is further on."""
         progress = self.step / max(self.total_epochs * self.steps_per_epoch, 1)
         if self.budget_s > 0:
             progress = max(progress, self.clock / self.budget_s)
-        start = self.cfg.progressive_resize
-        return start + (1.0 - start) * min(progress / RESIZE_RAMP, 1.0)
+        return min(progress, 1.0)
 
     def validate(self, model: nn.Module) -> Predictions | None:
         if self.val_loader is None:
@@ -528,22 +561,23 @@ class Trainer:
             if self.ema is not None:  # (its n_averaged is the same everywhere, and may sit on the CPU)
                 distributed.broadcast_buffers(self.ema.module)
         candidates = []
-        pred = self.validate(self.model)
-        if pred is not None:
-            record.update(val_loss=pred.loss, val_acc=pred.accuracy)
-            candidates.append((pred.accuracy, self.model))
-        if self.ema is not None:
-            ema_pred = self.validate(self.ema.module)
-            if ema_pred is not None:
-                record.update(ema_val_loss=ema_pred.loss, ema_val_acc=ema_pred.accuracy)
-                candidates.append((ema_pred.accuracy, self.ema.module))
-        if not candidates:
-            candidates.append((record["train_acc"], self.model))
+        if self._validates_now():
+            pred = self.validate(self.model)
+            if pred is not None:
+                record.update(val_loss=pred.loss, val_acc=pred.accuracy)
+                candidates.append((pred.accuracy, self.model))
+            if self.ema is not None:
+                ema_pred = self.validate(self.ema.module)
+                if ema_pred is not None:
+                    record.update(ema_val_loss=ema_pred.loss, ema_val_acc=ema_pred.accuracy)
+                    candidates.append((ema_pred.accuracy, self.ema.module))
+            if not candidates:  # no validation data: the best is the best on the training data
+                candidates.append((record["train_acc"], self.model))
         self.epoch += 1
         self.batch_in_epoch = 0
         self.epoch_sums = (0.0, 0.0, 0.0)
         self.history.append(record)
-        acc, model = max(candidates, key=lambda c: c[0])
+        acc, model = max(candidates, key=lambda c: c[0], default=(-1.0, None))
         if acc > self.best_acc:
             self.best_acc, self.best_epoch = acc, self.epoch
             self.save_best(model)
@@ -553,11 +587,19 @@ class Trainer:
             self._write_metrics()
         return record
 
+    def _validates_now(self) -> bool:
+        """``cfg.val_every``: every N-th epoch, and always the run's last (its final epoch, or one the budget cut)."""
+        every = self.cfg.val_every
+        last = self.epoch + 1 >= self.total_epochs or self.batch_in_epoch < self.steps_per_epoch or \
+            self._budget_spent()
+        return last or (every > 0 and (self.epoch + 1) % every == 0)
+
     def _write_metrics(self) -> None:
         """metrics.jsonl from the checkpointed history, so a resumed run never duplicates or loses a line."""
         _write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
 
 
+LOOKAHEAD_EVERY = 5  # optimizer steps between lookahead syncs (airbench)
 BUDGET_WARMUP_SHARE = 0.2  # a warm-up may take at most this share of a time budget
 RESIZE_RAMP = 0.75  # progressive resizing reaches the full size at this share of the run; the rest trains at it
 

@@ -1,0 +1,232 @@
+"""FastResNet (whitening stem, conv-pool residual stages) and the fast-training options around it: the model's
+data-dependent initialisation and lr multipliers in training, lookahead, validation every N epochs and
+flip-shift test-time augmentation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import resnetlab
+from conftest import assert_one_line_error, run_cli, tiny_options
+from resnetlab.models.fast import FastResNet
+from resnetlab.training.checkpoint import read_checkpoint
+from resnetlab.training.evaluate import _tta_views, tta_mode
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+def _metrics(run_dir) -> list[dict]:
+    return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+# --- the model ------------------------------------------------------------------------------------------------
+
+
+def test_shapes_stem_and_frozen_scales():
+    m = resnetlab.create_model("fastresnet_s", num_classes=7)
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    assert m.conv1.weight.shape == (24, 3, 2, 2) and not m.conv1.weight.requires_grad  # 2 x 3 x 2 x 2 filters
+    assert m.conv1.bias.requires_grad
+    bns = [mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d)]
+    assert len(bns) == 6 and all(not b.weight.requires_grad and b.bias.requires_grad for b in bns)
+    assert m.stage_names == ["layer1", "layer2", "layer3"] and m.num_features == 256
+    gray = FastResNet((16, 32), num_classes=0, in_chans=1)
+    assert gray.conv1.weight.shape == (8, 1, 2, 2)
+    assert gray(torch.randn(3, 1, 28, 28)).shape == (3, 32)  # num_classes=0: pooled features
+
+
+def test_too_small_input_is_a_clear_error():
+    m = resnetlab.create_model("fastresnet_s", num_classes=10)
+    assert m.min_input_size == 9
+    m(torch.randn(2, 3, 9, 9))
+    with pytest.raises(ValueError, match="at least 9 px"):
+        m(torch.randn(1, 3, 8, 8))
+
+
+def test_convs_start_as_the_identity_and_plain_has_no_sums():
+    m = resnetlab.create_model("fastresnet", num_classes=10)
+    w = m.layer2.conv2.weight  # 256 -> 256: the identity on every channel
+    assert torch.equal(w[:, :, 1, 1], torch.eye(256)) and float(w.detach().sum()) == 256.0
+    w = m.layer1.conv1.weight  # 24 -> 64: the identity on the first 24 outputs, random beyond
+    assert torch.equal(w[:24, :, 1, 1], torch.eye(24)) and float(w[24:].detach().abs().sum()) > 0
+    x = torch.randn(2, 3, 32, 32)
+    plain = resnetlab.create_model("fastplain", num_classes=10)
+    assert all(not getattr(plain, s).residual for s in plain.stage_names)
+    plain.load_state_dict(m.state_dict())  # same parameters, different function
+    m.eval(), plain.eval()
+    assert not torch.allclose(m(x), plain(x))
+
+
+def test_init_from_data_whitens_patches():
+    torch.manual_seed(0)
+    # strongly correlated pixels: smooth images with unequal channel scales
+    x = torch.nn.functional.avg_pool2d(torch.randn(400, 3, 36, 36), 5, 1) * torch.tensor([1.0, 3.0, 0.5])[:, None,
+                                                                                                        None]
+    m = FastResNet((8, 8, 8), num_classes=2)
+    m.init_from_data(x)
+    w = m.conv1.weight
+    assert torch.equal(w[:12], -w[12:])  # each filter and its negation
+    with torch.no_grad():
+        out = torch.nn.functional.conv2d(x, w[:12])  # the whitened patches, without the (zero) bias
+    flat = out.permute(0, 2, 3, 1).reshape(-1, 12).double()
+    cov = flat.T @ flat / len(flat)
+    off = cov - torch.diag(cov.diagonal())
+    assert off.abs().max() < 0.02  # decorrelated
+    # unit variance along the strong directions; the weakest ones stay below 1 (eps keeps noise from blowing up)
+    assert (cov.diagonal()[:6] - 1).abs().max() < 0.05 and cov.diagonal().max() < 1.01, cov.diagonal()
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        m.init_from_data(torch.randn(4, 1, 8, 8))
+
+
+# --- in training ----------------------------------------------------------------------------------------------
+
+
+def test_training_initialises_the_stem_and_uses_the_models_lr_multipliers(tmp_path, tiny_data, monkeypatch):
+    from resnetlab.training import engine
+
+    seen = {}
+    original = engine.build_optimizer
+
+    def spy(groups, *args, **kwargs):
+        seen["groups"] = groups
+        return original(groups, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "build_optimizer", spy)
+    logs = []
+    result = resnetlab.train(str(tiny_data), log=logs.append, **tiny_options(tmp_path, arch="fastresnet_s",
+                                                                            epochs=1))
+    assert any("initialised FastResNet's stem from 12 training samples" in m for m in logs)
+    tensors, _ = read_checkpoint(Path(result.run_dir) / "checkpoints" / "last.safetensors")
+    w = tensors["model.conv1.weight"]
+    assert torch.equal(w[:12], -w[12:])  # the whitening filters, kept frozen through training
+    fast = {n for g in seen["groups"] if g["lr_mult"] == 64.0 for n in g["names"]}
+    assert fast == {"conv1.bias"} | {f"layer{i}.bn{j}.bias" for i in (1, 2, 3) for j in (1, 2)}
+    assert all(g["lr_mult"] == 1.0 for g in seen["groups"] if "fc.weight" in g["names"])
+
+
+def test_resume_keeps_the_trained_stem(tmp_path, tiny_data):
+    opts = tiny_options(tmp_path, arch="fastresnet_s", epochs=2)
+    resnetlab.train(str(tiny_data), log=_quiet, **{**opts, "epochs": 1})
+    first, _ = read_checkpoint(Path(opts["out"]) / "checkpoints" / "last.safetensors")
+    logs = []
+    # the saved schedule says 1 epoch: resuming it trains nothing more and re-initialises nothing
+    resnetlab.train(out=opts["out"], resume=True, quiet=True, log=logs.append)
+    assert not any("initialised" in m for m in logs)
+    again, _ = read_checkpoint(Path(opts["out"]) / "checkpoints" / "last.safetensors")
+    assert torch.equal(first["model.conv1.weight"], again["model.conv1.weight"])
+
+
+def test_lookahead_pulls_weights_to_the_slow_copy_and_is_saved(tmp_path, tiny_data):
+    result = resnetlab.train(str(tiny_data), log=_quiet, **tiny_options(tmp_path, epochs=4, lookahead=True))
+    tensors, meta = read_checkpoint(Path(result.run_dir) / "checkpoints" / "last.safetensors")
+    assert meta["step"] == 12
+    slow = {k[len("lookahead."):]: v for k, v in tensors.items() if k.startswith("lookahead.")}
+    model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    assert slow and set(slow) == {k for k, v in model.items() if v.is_floating_point()}
+    # the last sync was at step 10; two plain steps followed, so the weights moved on from the slow copy
+    name = "conv1.weight"
+    assert not torch.equal(slow[name], model[name])
+
+
+def test_lookahead_math(tmp_path, tiny_data):
+    """alpha = 0.95^5 x progress^3: at progress 0 the slow copy jumps to the weights, later it lags behind."""
+    from resnetlab.training.engine import Trainer
+
+    trainer = _bare_trainer(tmp_path, tiny_data, Trainer)
+    p = next(trainer.model.parameters())
+    slow_key = next(k for k, v in trainer.model.state_dict().items() if v.data_ptr() == p.data_ptr())
+    with torch.no_grad():
+        p.add_(1.0)
+    trainer._lookahead()  # progress 0: alpha 0
+    assert torch.equal(trainer.slow[slow_key], p)
+    start = p.detach().clone()
+    trainer.step = trainer.total_epochs * trainer.steps_per_epoch // 2  # progress 1/2: alpha = 0.95^5 / 8
+    with torch.no_grad():
+        p.add_(1.0)
+    trainer._lookahead()
+    alpha = 0.95 ** 5 / 8
+    assert torch.allclose(p, start + (1 - alpha), atol=1e-6)  # the weights restart from the slow copy
+    assert torch.equal(trainer.slow[slow_key], p)
+
+
+def _bare_trainer(tmp_path, data, trainer_cls):
+    from resnetlab.api import build_config, prepare_run
+    from resnetlab.data.loader import DeviceLoader
+    from resnetlab.training.precision import pick_precision
+
+    cfg = build_config(None, data=str(data), **tiny_options(tmp_path, epochs=2, lookahead=True))
+    cfg, device, prepared, pipeline = prepare_run(cfg, _quiet)
+    loader = DeviceLoader(prepared.train.x, prepared.train.y, cfg.batch_size, shuffle=True, drop_last=True)
+    prec = pick_precision(device, "fp32", False, 2)
+    model = resnetlab.create_model("resnet20", num_classes=3)
+    return trainer_cls(model, pipeline, loader, None, cfg, tmp_path / "bare", {}, prec, log=_quiet)
+
+
+@pytest.mark.parametrize("every, validated", [(2, [False, True, False, True, True]), (0, [False] * 4 + [True])])
+def test_val_every_validates_every_nth_and_the_last_epoch(tmp_path, tiny_data, every, validated):
+    result = resnetlab.train(str(tiny_data), log=_quiet, **tiny_options(tmp_path, epochs=5, val_every=every))
+    records = _metrics(result.run_dir)
+    assert ["val_acc" in r for r in records] == validated
+    assert result.best_epoch in [i + 1 for i, v in enumerate(validated) if v]
+    assert result.best_acc == max(r["val_acc"] for r in records if "val_acc" in r)
+    assert (Path(result.run_dir) / "report" / "curves.png").is_file()
+
+
+# --- test-time augmentation ---------------------------------------------------------------------------------
+
+
+def test_tta_modes_and_views():
+    assert tta_mode(True) == "flip" and tta_mode(False) is None and tta_mode("flip-shift") == "flip-shift"
+    with pytest.raises(ValueError, match="allowed: flip, flip-shift"):
+        tta_mode("rotate")
+    x = torch.arange(2 * 3 * 5 * 6, dtype=torch.float32).reshape(2, 3, 5, 6)
+    views = _tta_views(x, "flip-shift")
+    assert len(views) == 6 and sum(w for _, w in views) == pytest.approx(1.0)
+    assert all(v.shape == x.shape for v, _ in views)
+    up_left, down_right = views[2][0], views[4][0]
+    # content moved by one pixel: the interior of the shifted view is the original one pixel away
+    assert torch.equal(up_left[..., 1:, 1:], x[..., :-1, :-1])
+    assert torch.equal(down_right[..., :-1, :-1], x[..., 1:, 1:])
+    assert torch.equal(views[3][0], up_left.flip(-1))
+    assert len(_tta_views(x, "flip")) == 2
+    assert len(_tta_views(torch.zeros(2, 40, 101), "flip-shift")) == 2  # 1-D inputs: flip only
+
+
+def test_evaluate_with_flip_shift_tta(trained_run, capsys):
+    result, data = trained_run
+    plain = resnetlab.evaluate(result.run_dir, str(data), log=_quiet, out=str(result.run_dir / "eval-plain"))
+    shifted = resnetlab.evaluate(result.run_dir, str(data), tta="flip-shift", log=_quiet,
+                                 out=str(result.run_dir / "eval-tta"))
+    assert shifted["tta"] == "flip-shift" and plain["tta"] is False
+    assert shifted["n"] == plain["n"] and 0.0 <= shifted["top1"] <= 1.0
+    code, out, err = run_cli(capsys, "evaluate", result.run_dir, "--data", data, "--tta", "flip-shift", "--out",
+                             result.run_dir / "eval-cli")
+    assert code == 0 and "(TTA flip-shift)" in out
+    code, out, err = run_cli(capsys, "evaluate", result.run_dir, "--data", data, "--tta", "--out",
+                             result.run_dir / "eval-cli")
+    assert code == 0 and "(TTA flip)" in out
+    with pytest.raises(SystemExit) as e:
+        run_cli(capsys, "evaluate", result.run_dir, "--data", data, "--tta", "rotate")
+    assert e.value.code == 2 and "invalid choice: 'rotate'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown test-time augmentation 'rotate'"):
+        resnetlab.evaluate(result.run_dir, str(data), tta="rotate", log=_quiet)
+
+
+def test_fast_flags_on_the_cli(tmp_path, tiny_data, capsys):
+    from conftest import train_argv
+
+    code, out, err = run_cli(capsys, *train_argv(tmp_path, tiny_data, arch="fastresnet_s", epochs=2, lookahead=True,
+                                                 val_every=0))
+    assert code == 0, err
+    records = _metrics(tmp_path / "run")
+    assert ["val_acc" in r for r in records] == [False, True]
+    code, out, err = run_cli(capsys, *train_argv(tmp_path, tiny_data, val_every=-1, out=str(tmp_path / "bad")))
+    assert code == 2
+    assert_one_line_error(err, "val_every", "-1")
+    assert not (tmp_path / "bad").exists()
