@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 import resnetlab  # noqa: E402
 from _common import (  # noqa: E402
@@ -133,6 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=None, help="training budget, seconds (default 600; quick 120)")
     ap.add_argument("--recipe", choices=sorted(RECIPES), default="fast", help="training recipe (default: fast)")
     ap.add_argument("--arch", default=None, help="another model than the recipe's (e.g. resnet20, fastresnet)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one option of the recipe (YAML value), e.g. --set batch_size=256 --set lr=0.375")
     ap.add_argument("--tta", default="flip-shift", help="test-time augmentation of the extra evaluation")
     ap.add_argument("--epochs", type=int, default=None, help="cap the epochs (default: as many as fit the budget)")
     ap.add_argument("--progressive-resize", type=float, default=0.0,
@@ -142,6 +145,9 @@ def main(argv=None) -> int:
     apply_threads(args.threads)
     budget = args.budget_s or (120.0 if args.quick else 600.0)
     recipe = {**RECIPES[args.recipe], **({"arch": args.arch} if args.arch else {})}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        recipe[key.strip()] = yaml.safe_load(value)
     info = machine()
     print_machine(info)
     register_extra()
