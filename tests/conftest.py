@@ -84,6 +84,18 @@ def tiny_data(make_dataset) -> Path:
     return make_dataset("folders")
 
 
+class FakeClock:
+    """``time`` for the engine: every ``perf_counter()`` call moves the clock on by ``tick`` seconds, so a time-
+    budget run takes the same path on any machine, however loaded."""
+
+    def __init__(self, tick: float):
+        self.now, self.tick = 0.0, tick
+
+    def perf_counter(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
     """``resnetlab ARGV`` in this process: the exit code, stdout and stderr."""
     from resnetlab.cli import main

@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import resnetlab
-from conftest import assert_one_line_error, run_cli, tiny_options
+from conftest import FakeClock, assert_one_line_error, run_cli, tiny_options, train_argv
 from resnetlab.models.fast import FastResNet
 from resnetlab.training.checkpoint import read_checkpoint
 from resnetlab.training.evaluate import _tta_views, tta_mode
@@ -110,16 +111,72 @@ def test_training_initialises_the_stem_and_uses_the_models_lr_multipliers(tmp_pa
     assert all(g["lr_mult"] == 1.0 for g in seen["groups"] if "fc.weight" in g["names"])
 
 
-def test_resume_keeps_the_trained_stem(tmp_path, tiny_data):
-    opts = tiny_options(tmp_path, arch="fastresnet_s", epochs=2)
-    resnetlab.train(str(tiny_data), log=_quiet, **{**opts, "epochs": 1})
-    first, _ = read_checkpoint(Path(opts["out"]) / "checkpoints" / "last.safetensors")
+def test_resume_keeps_the_trained_stem_and_a_run_killed_before_its_first_checkpoint_gets_one(tmp_path, tiny_data):
+    opts = tiny_options(tmp_path, arch="fastresnet_s", epochs=1)
+    resnetlab.train(str(tiny_data), log=_quiet, **opts)
+    last = Path(opts["out"]) / "checkpoints" / "last.safetensors"
+    first, _ = read_checkpoint(last)
+    # the saved schedule says 1 epoch: resuming it trains nothing more and keeps the stem it trained with
+    resnetlab.train(out=opts["out"], resume=True, quiet=True, log=_quiet)
+    assert torch.equal(first["model.conv1.weight"], read_checkpoint(last)[0]["model.conv1.weight"])
+    # killed after writing config.yaml, before any checkpoint: the resumed run starts over, whitened
+    for f in (Path(opts["out"]) / "checkpoints").iterdir():
+        f.unlink()
+    (Path(opts["out"]) / "metrics.jsonl").unlink()
+    resnetlab.train(out=opts["out"], resume=True, quiet=True, log=_quiet)
+    w = read_checkpoint(last)[0]["model.conv1.weight"]
+    assert torch.equal(w[:12], -w[12:]) and float(w.abs().sum()) > 0
+
+
+def test_init_sees_the_training_samples_normalised(tmp_path, tiny_data, monkeypatch):
+    from resnetlab.api import build_config, prepare_run
+
+    seen = []
+    monkeypatch.setattr(FastResNet, "init_from_data", lambda self, x: seen.append(x.clone()))
+    opts = tiny_options(tmp_path, arch="fastresnet_s", epochs=1)
+    resnetlab.train(str(tiny_data), log=_quiet, **opts)
+    _, _, prepared, pipeline = prepare_run(build_config(None, data=str(tiny_data), **opts), _quiet)
+    everything, _ = pipeline(torch.from_numpy(prepared.train.x[:].copy()), None, train=False)
+    assert len(prepared.train) == 12 and torch.equal(seen[0], everything)  # small data: all of it, every class
+
+
+def test_init_sample_indices_are_spread():
+    from resnetlab.api import init_indices
+
+    idx = init_indices(50_000, (3, 32, 32))
+    assert len(idx) == 5000 and idx[0] == 0 and idx[-1] == 49_999 and (np.diff(idx) > 0).all()
+    assert len(init_indices(12, (3, 32, 32))) == 12
+    assert len(init_indices(50_000, (3, 224, 224))) == 5000 * 3 * 32 * 32 // (3 * 224 * 224)
+
+
+def test_model_lr_multipliers_apply_only_when_training_from_scratch(tmp_path, tiny_data):
+    from resnetlab.training.engine import Phase, Trainer
+
+    scratch = _bare_trainer(tmp_path, tiny_data, Trainer, arch="fastresnet_s")
+    assert scratch.model_lr_mult == {"layer*.bn*.bias": 64.0, "conv1.bias": 64.0}
+    tuned = _bare_trainer(tmp_path, tiny_data, Trainer, arch="fastresnet_s", phases=[Phase("fine-tune", 2)])
+    tuned._enter_phase(0)
+    assert tuned.model_lr_mult == {} and {g["lr_mult"] for g in tuned.opt.param_groups} == {1.0}
+
+
+def test_progressive_resizing_stops_at_the_models_smallest_input(tmp_path, tiny_data):
     logs = []
-    # the saved schedule says 1 epoch: resuming it trains nothing more and re-initialises nothing
-    resnetlab.train(out=opts["out"], resume=True, quiet=True, log=logs.append)
-    assert not any("initialised" in m for m in logs)
-    again, _ = read_checkpoint(Path(opts["out"]) / "checkpoints" / "last.safetensors")
-    assert torch.equal(first["model.conv1.weight"], again["model.conv1.weight"])
+    result = resnetlab.train(str(tiny_data), log=logs.append, **tiny_options(
+        tmp_path, arch="fastresnet_s", epochs=2, progressive_resize=0.25))
+    assert result.best_acc >= 0
+    assert any("training images at 12x12 px, growing to 16x16" in m for m in logs), logs
+
+
+def test_set_train_scale_min_side():
+    from resnetlab.data.image_pipeline import ImagePipeline
+
+    pipe = ImagePipeline((32, 32), 3, [0.5] * 3, [0.25] * 3, 10)
+    pipe.set_train_scale(0.25)
+    assert pipe.train_size == (8, 8)
+    pipe.set_train_scale(0.25, min_side=9)
+    assert pipe.train_size == (12, 12)  # rounded up to a multiple of 4
+    pipe.set_train_scale(0.9, min_side=9)
+    assert pipe.train_size == (28, 28)
 
 
 def test_lookahead_pulls_weights_to_the_slow_copy_and_is_saved(tmp_path, tiny_data):
@@ -155,7 +212,7 @@ def test_lookahead_math(tmp_path, tiny_data):
     assert torch.equal(trainer.slow[slow_key], p)
 
 
-def _bare_trainer(tmp_path, data, trainer_cls):
+def _bare_trainer(tmp_path, data, trainer_cls, arch="resnet20", phases=None):
     from resnetlab.api import build_config, prepare_run
     from resnetlab.data.loader import DeviceLoader
     from resnetlab.training.precision import pick_precision
@@ -164,8 +221,8 @@ def _bare_trainer(tmp_path, data, trainer_cls):
     cfg, device, prepared, pipeline = prepare_run(cfg, _quiet)
     loader = DeviceLoader(prepared.train.x, prepared.train.y, cfg.batch_size, shuffle=True, drop_last=True)
     prec = pick_precision(device, "fp32", False, 2)
-    model = resnetlab.create_model("resnet20", num_classes=3)
-    return trainer_cls(model, pipeline, loader, None, cfg, tmp_path / "bare", {}, prec, log=_quiet)
+    model = resnetlab.create_model(arch, num_classes=3)
+    return trainer_cls(model, pipeline, loader, None, cfg, tmp_path / "bare", {}, prec, phases=phases, log=_quiet)
 
 
 @pytest.mark.parametrize("every, validated", [(2, [False, True, False, True, True]), (0, [False] * 4 + [True])])
@@ -176,6 +233,28 @@ def test_val_every_validates_every_nth_and_the_last_epoch(tmp_path, tiny_data, e
     assert result.best_epoch in [i + 1 for i, v in enumerate(validated) if v]
     assert result.best_acc == max(r["val_acc"] for r in records if "val_acc" in r)
     assert (Path(result.run_dir) / "report" / "curves.png").is_file()
+
+
+def test_a_budget_spent_after_an_unvalidated_epoch_still_validates_it(tmp_path, tiny_data, monkeypatch):
+    from resnetlab.training import engine
+    from resnetlab.training.engine import Trainer
+
+    clock = FakeClock(0.01)
+    monkeypatch.setattr(engine, "time", clock)
+    original = Trainer.save_last
+
+    def save_last(self):  # the end of epoch 1 (its checkpoint) spends the rest of the budget
+        original(self)
+        if self.epoch == 1 and self.batch_in_epoch == 0:
+            clock.now += 1000.0
+
+    monkeypatch.setattr(Trainer, "save_last", save_last)
+    result = resnetlab.train(str(tiny_data), log=_quiet, **tiny_options(tmp_path, epochs=None, time_budget=0.2,
+                                                                         val_every=0))
+    records = _metrics(result.run_dir)
+    assert len(records) == 1 and "batches" not in records[0]  # a whole epoch, not cut by the budget
+    assert "val_acc" in records[0] and result.best_acc == records[0]["val_acc"] and result.best_epoch == 1
+    assert (Path(result.run_dir) / "checkpoints" / "best.safetensors").is_file()
 
 
 # --- test-time augmentation ---------------------------------------------------------------------------------
@@ -205,22 +284,17 @@ def test_evaluate_with_flip_shift_tta(trained_run, capsys):
                                  out=str(result.run_dir / "eval-tta"))
     assert shifted["tta"] == "flip-shift" and plain["tta"] is False
     assert shifted["n"] == plain["n"] and 0.0 <= shifted["top1"] <= 1.0
-    code, out, err = run_cli(capsys, "evaluate", result.run_dir, "--data", data, "--tta", "flip-shift", "--out",
+    code, out, err = run_cli(capsys, "evaluate", result.run_dir, "--data", data, "--tta-shift", "--out",
                              result.run_dir / "eval-cli")
     assert code == 0 and "(TTA flip-shift)" in out
-    code, out, err = run_cli(capsys, "evaluate", result.run_dir, "--data", data, "--tta", "--out",
-                             result.run_dir / "eval-cli")
+    code, out, err = run_cli(capsys, "evaluate", "--tta", result.run_dir, "--data", data, "--out",
+                             result.run_dir / "eval-cli")  # a switch: the run directory may follow it
     assert code == 0 and "(TTA flip)" in out
-    with pytest.raises(SystemExit) as e:
-        run_cli(capsys, "evaluate", result.run_dir, "--data", data, "--tta", "rotate")
-    assert e.value.code == 2 and "invalid choice: 'rotate'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown test-time augmentation 'rotate'"):
         resnetlab.evaluate(result.run_dir, str(data), tta="rotate", log=_quiet)
 
 
 def test_fast_flags_on_the_cli(tmp_path, tiny_data, capsys):
-    from conftest import train_argv
-
     code, out, err = run_cli(capsys, *train_argv(tmp_path, tiny_data, arch="fastresnet_s", epochs=2, lookahead=True,
                                                  val_every=0))
     assert code == 0, err
@@ -230,3 +304,21 @@ def test_fast_flags_on_the_cli(tmp_path, tiny_data, capsys):
     assert code == 2
     assert_one_line_error(err, "val_every", "-1")
     assert not (tmp_path / "bad").exists()
+
+
+def test_finetune_onto_other_channels_whitens_a_new_stem(tmp_path, tiny_data):
+    from conftest import write_class_folders
+
+    run = resnetlab.train(str(tiny_data), log=_quiet, **tiny_options(tmp_path, arch="fastresnet_s", epochs=1))
+    gray = write_class_folders(tmp_path / "gray", per_class=6, channels=1)
+    logs = []
+    opts = {k: v for k, v in tiny_options(tmp_path, out=str(tmp_path / "ft"), epochs=1).items() if k != "arch"}
+    result = resnetlab.finetune(str(gray), pretrained=str(run.run_dir), strategy="linear-probe", log=logs.append,
+                                **opts)
+    assert any("initialised FastResNet's stem" in m for m in logs)  # the RGB stem cannot whiten gray images
+    w = read_checkpoint(Path(result.run_dir) / "checkpoints" / "last.safetensors")[0]["model.conv1.weight"]
+    assert w.shape == (8, 1, 2, 2) and torch.equal(w[:4], -w[4:])
+    same = resnetlab.finetune(str(tiny_data), pretrained=str(run.run_dir), strategy="linear-probe", log=logs.append,
+                              **{**opts, "out": str(tmp_path / "ft-rgb")})
+    assert same.best_acc >= 0
+    assert sum("initialised" in m for m in logs) == 1  # the RGB stem loaded as it was: not re-initialised

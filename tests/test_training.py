@@ -12,7 +12,7 @@ import torch
 import yaml
 
 import resnetlab
-from conftest import tiny_options, write_class_folders
+from conftest import FakeClock, tiny_options, write_class_folders
 from resnetlab.data.errors import DataError
 from resnetlab.data.prepare import prepare_data
 from resnetlab.training.checkpoint import read_checkpoint
@@ -405,22 +405,10 @@ def test_optimizer_is_fused_on_cpu_and_makes_the_same_update(name):
 # --- a time budget ----------------------------------------------------------------------------------------------
 
 
-class _FakeClock:
-    """``time`` for the engine: every ``perf_counter()`` call moves the clock on by ``tick`` seconds, so a time-
-    budget run takes the same path on any machine, however loaded."""
-
-    def __init__(self, tick: float):
-        self.now, self.tick = 0.0, tick
-
-    def perf_counter(self) -> float:
-        self.now += self.tick
-        return self.now
-
-
 def test_time_budget_ends_the_schedule_and_the_run_when_it_runs_out(tmp_path, tiny_data, monkeypatch):
     from resnetlab.training import engine
 
-    monkeypatch.setattr(engine, "time", _FakeClock(0.5))
+    monkeypatch.setattr(engine, "time", FakeClock(0.5))
     opts = tiny_options(tmp_path, epochs=None, time_budget=0.2)  # 12 s of fake time; no --epochs: the budget ends it
     result = resnetlab.train(str(tiny_data), log=_quiet, **opts)
     records = _metrics(result.run_dir)
@@ -440,7 +428,7 @@ def test_time_budget_ends_the_schedule_and_the_run_when_it_runs_out(tmp_path, ti
 def test_ctrl_c_while_validating_the_cut_epoch_then_resume_validates_it(tmp_path, tiny_data, monkeypatch):
     from resnetlab.training import engine
 
-    monkeypatch.setattr(engine, "time", _FakeClock(0.5))
+    monkeypatch.setattr(engine, "time", FakeClock(0.5))
     original = Trainer.validate
 
     def validate(self, model):
@@ -464,7 +452,7 @@ def test_ctrl_c_while_validating_the_cut_epoch_then_resume_validates_it(tmp_path
 def test_a_budget_shorter_than_the_start_up_still_trains_a_batch(tmp_path, tiny_data, monkeypatch):
     from resnetlab.training import engine
 
-    monkeypatch.setattr(engine, "time", _FakeClock(100.0))  # each clock reading: 100 s; the budget: 6 s
+    monkeypatch.setattr(engine, "time", FakeClock(100.0))  # each clock reading: 100 s; the budget: 6 s
     result = resnetlab.train(str(tiny_data), log=_quiet, **tiny_options(tmp_path, epochs=None, time_budget=0.1))
     records = _metrics(result.run_dir)
     assert len(records) == 1 and records[0]["batches"] == 1 and "val_acc" in records[0]
@@ -474,7 +462,7 @@ def test_a_budget_shorter_than_the_start_up_still_trains_a_batch(tmp_path, tiny_
 def test_time_budget_with_epochs_stops_at_whichever_ends_first(tmp_path, tiny_data, monkeypatch):
     from resnetlab.training import engine
 
-    monkeypatch.setattr(engine, "time", _FakeClock(1e-3))  # a budget far longer than two epochs
+    monkeypatch.setattr(engine, "time", FakeClock(1e-3))  # a budget far longer than two epochs
     result = resnetlab.train(str(tiny_data), log=_quiet, **tiny_options(tmp_path, epochs=2, time_budget=10.0))
     records = _metrics(result.run_dir)
     assert len(records) == 2 and "batches" not in records[-1]
@@ -483,7 +471,7 @@ def test_time_budget_with_epochs_stops_at_whichever_ends_first(tmp_path, tiny_da
 def test_time_budget_cuts_a_long_warm_up_to_a_fifth_of_it(tmp_path, tiny_data, monkeypatch):
     from resnetlab.training import engine
 
-    monkeypatch.setattr(engine, "time", _FakeClock(0.5))
+    monkeypatch.setattr(engine, "time", FakeClock(0.5))
     result = resnetlab.train(str(tiny_data), log=_quiet, **tiny_options(tmp_path, epochs=None, time_budget=0.2,
                                                                          warmup_epochs=50.0))
     _, meta = read_checkpoint(Path(result.run_dir) / "checkpoints" / "last.safetensors")

@@ -208,16 +208,25 @@ def _fit_and_report(cfg: TrainConfig, model: torch.nn.Module, prepared: Prepared
     return TrainResult(run_dir, fit.best_acc, fit.best_epoch, fit.epochs, fit.seconds, fit.interrupted, cfg, report)
 
 
-DATA_INIT_SAMPLES = 5000  # training samples a data-dependent initialisation (a whitening stem) looks at
+DATA_INIT_SAMPLES = 5000  # training samples a data-dependent initialisation (a whitening stem) looks at,
+DATA_INIT_VALUES = 5000 * 3 * 32 * 32  # fewer when they are large: at most this many input values
 
 
 def init_from_data(model: torch.nn.Module, prepared: PreparedData, pipeline: Pipeline, log) -> None:
     """A model's data-dependent initialisation (``FastResNet``'s whitening stem) from the first training samples,
     normalised as the model will see them, unaugmented: the same samples on every rank under torchrun."""
-    n = min(len(prepared.train), DATA_INIT_SAMPLES)
-    x, _ = pipeline(torch.from_numpy(np.array(prepared.train.x[:n])), None, train=False)
+    idx = init_indices(len(prepared.train), prepared.sample_shape)
+    x, _ = pipeline(torch.from_numpy(np.array(prepared.train.x[idx])), None, train=False)
     model.init_from_data(x)
-    log(f"initialised {type(model).__name__}'s stem from {n} training samples")
+    log(f"initialised {type(model).__name__}'s stem from {len(idx)} training samples")
+
+
+def init_indices(n_train: int, sample_shape: tuple[int, ...]) -> np.ndarray:
+    """Which training samples a data-dependent initialisation sees: at most ``DATA_INIT_SAMPLES``, fewer for large
+    samples (``DATA_INIT_VALUES`` input values in all, at least 16 samples), evenly spaced over the set (the cache
+    is in class order: its first samples are often all of one class)."""
+    n = min(n_train, DATA_INIT_SAMPLES, max(16, DATA_INIT_VALUES // int(np.prod(sample_shape))))
+    return np.linspace(0, n_train - 1, n).round().astype(np.int64)
 
 
 def model_meta(cfg: TrainConfig, prepared: PreparedData, in_chans: int, overrides: dict) -> dict:
@@ -263,7 +272,7 @@ def train(data: str | None = None, *, config: str | Path | dict | TrainConfig | 
         overrides["zero_init_last"] = True
     in_chans = pipeline.input_size()[0]
     model = create_model(cfg.arch, num_classes=prepared.spec.num_classes, in_chans=in_chans, **overrides)
-    if hasattr(model, "init_from_data") and not cfg.resume:  # (a resumed run loads its trained weights over it)
+    if hasattr(model, "init_from_data"):  # (a resumed run loads its trained weights over it, if it saved any)
         init_from_data(model, prepared, pipeline, log)
     meta = model_meta(cfg, prepared, in_chans, overrides)
     result = run_training(cfg, model, prepared, pipeline, device, meta, log=log)
@@ -328,6 +337,8 @@ def evaluate(run_or_checkpoint: str | Path, data: str, *, tta: bool | str = Fals
     prec = inference_precision(dev, meta, getattr(model, "ndim", 2), channels_last=None)
     model = model.to(memory_format=torch.channels_last) if prec.channels_last else model
     t0 = time.perf_counter()
+    if tta == "flip-shift" and getattr(model, "ndim", 2) != 2:
+        tta = "flip"  # what predict_loader does for 1-D inputs: no shifts; eval.json says what was applied
     pred = predict_loader(model, pipeline, loader, prec, tta=tta)
     summary = evaluation_summary(pred.logits, pred.targets, meta["classes"])
     summary.update(checkpoint=meta["checkpoint"], data=str(data), tta=tta, seconds=round(time.perf_counter() - t0, 3),
@@ -418,6 +429,8 @@ def _finetune_model(cfg, prepared: PreparedData, pipeline: Pipeline, cw, log):
     model = create_model(name, num_classes=prepared.spec.num_classes, in_chans=in_chans, **overrides)
     report = load_pretrained(model, cw)
     log(str(report))
+    if hasattr(model, "init_from_data") and "conv1.weight" not in report.loaded:  # a stem for other channels
+        init_from_data(model, prepared, pipeline, log)
     return name, model, overrides, report
 
 
@@ -494,6 +507,8 @@ def lr_find(data: str | None = None, *, pretrained: str | None = None, start_lr:
         _, model, _, _ = _finetune_model(cfg, prepared, pipeline, cw, log)
     else:
         model = create_model(cfg.arch, num_classes=prepared.spec.num_classes, in_chans=pipeline.input_size()[0])
+        if hasattr(model, "init_from_data"):
+            init_from_data(model, prepared, pipeline, log)
     prec = pick_precision(device, cfg.precision, cfg.channels_last, getattr(model, "ndim", 2))
     train_loader, _ = make_loaders(cfg, prepared, device)
     out = Path(cfg.out)

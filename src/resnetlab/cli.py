@@ -74,9 +74,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "and eval_confusion.png beside the checkpoint's run.")
     e.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
     e.add_argument("--data", required=True, help="dataset folder, CSV manifest or builtin:NAME")
-    e.add_argument("--tta", nargs="?", const="flip", choices=("flip", "flip-shift"), default=None,
-                   help="test-time augmentation: average the predictions over mirrored inputs (flip, the default), "
-                        "or over mirrored and 1-pixel-shifted ones (flip-shift: 6 views, as airbench)")
+    e.add_argument("--tta", action="store_true", help="average predictions with horizontally flipped inputs")
+    e.add_argument("--tta-shift", action="store_true",
+                   help="average over flipped and 1-pixel-shifted inputs too (6 views, as airbench; implies --tta)")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     e.add_argument("--out", help="folder for eval.json (default: the run directory)")
@@ -217,14 +217,16 @@ def cmd_evaluate(args) -> int:
     from resnetlab.api import evaluate
     from resnetlab.report.metrics import format_report_table
 
-    summary = evaluate(args.run, args.data, tta=args.tta, batch_size=args.batch_size, device=args.device,
+    tta = "flip-shift" if args.tta_shift else "flip" if args.tta else False
+    summary = evaluate(args.run, args.data, tta=tta, batch_size=args.batch_size, device=args.device,
                        out=args.out, log=_to_stderr)  # stdout holds only the result (parseable with --format json)
     if args.format == "json":
         print(json.dumps({k: v for k, v in summary.items() if k != "confusion_matrix"}, indent=1))
         return 0
     print(format_report_table(summary))
+    used = f" (TTA {summary['tta']})" if summary["tta"] else ""
     print(f"top-1 {summary['top1']:.4f}  top-5 {summary['top5']:.4f}  on {summary['n']} samples"
-          f"{f' (TTA {args.tta})' if args.tta else ''}; written {summary['eval_json']}")
+          f"{used}; written {summary['eval_json']}")
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -43,13 +45,14 @@ class ImagePipeline(Pipeline):
         self._std_t = torch.tensor(self.std).view(1, -1, 1, 1)
         self.train_size = self.size  # smaller while progressive resizing runs (set_train_scale); not saved
 
-    def set_train_scale(self, scale: float) -> None:
+    def set_train_scale(self, scale: float, min_side: int = 8) -> None:
         """Training batches at ``scale`` of the full size, rounded to a multiple of 4 pixels (few distinct shapes,
-        so few new convolution kernels), at least 8 pixels; the full size from ``scale`` 1 on."""
+        so few new convolution kernels), at least 8 pixels and ``min_side``; the full size from ``scale`` 1 on."""
         if scale >= 1.0:
             self.train_size = self.size
         else:
-            self.train_size = tuple(min(max(8, 4 * round(side * scale / 4)), side) for side in self.size)
+            low = max(8, 4 * math.ceil(min_side / 4))
+            self.train_size = tuple(min(max(low, 4 * round(side * scale / 4)), side) for side in self.size)
 
     def to(self, device) -> ImagePipeline:
         self._mean_t, self._std_t = self._mean_t.to(device), self._std_t.to(device)

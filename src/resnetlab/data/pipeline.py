@@ -37,8 +37,9 @@ class Pipeline:
         """Move any tensors the pipeline holds (filterbanks, noise clips) to ``device``."""
         return self
 
-    def set_train_scale(self, scale: float) -> None:
-        """Progressive resizing: training batches at ``scale`` (<= 1) of the full input size from now on.
+    def set_train_scale(self, scale: float, min_side: int = 8) -> None:
+        """Progressive resizing: training batches at ``scale`` (<= 1) of the full input size from now on, never
+        below ``min_side`` pixels (the smallest input the model takes).
 
         Evaluation always runs at the full size. Pipelines without a spatial size (audio) ignore it.
         """

@@ -119,10 +119,15 @@ class FastResNet(ClassifierBase):
         c, k = w.shape[1], w.shape[2]
         if x.ndim != 4 or x.shape[1] != c or min(x.shape[2:]) < k:
             raise ValueError(f"init_from_data wants (N, {c}, H, W) images of at least {k} px, got {tuple(x.shape)}")
-        patches = x.float().unfold(2, k, 1).unfold(3, k, 1)  # N, C, H', W', k, k
-        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k).double()
-        cov = patches.T @ patches / len(patches)
-        eigval, eigvec = torch.linalg.eigh(cov)  # ascending: the strongest directions last
+        d = c * k * k
+        cov, count = torch.zeros(d, d, dtype=torch.float64), 0
+        per_image = (x.shape[2] - k + 1) * (x.shape[3] - k + 1)
+        for chunk in x.split(max(1, 2 ** 20 // per_image)):  # about a million patches at a time: bounded memory
+            patches = chunk.float().unfold(2, k, 1).unfold(3, k, 1)  # N, C, H', W', k, k
+            patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, d).double().cpu()
+            cov += patches.T @ patches
+            count += len(patches)
+        eigval, eigvec = torch.linalg.eigh(cov / count)  # ascending: the strongest directions last
         filters = (eigvec.T / torch.sqrt(eigval.clamp_min(0)[:, None] + eps)).flip(0).reshape(-1, c, k, k)
         w.copy_(torch.cat((filters, -filters)).to(w.dtype))
 
@@ -137,7 +142,7 @@ class FastResNet(ClassifierBase):
         return self.conv1.kernel_size[0] - 1 + 2 ** len(self.stage_names)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if min(x.shape[-2:]) < self.min_input_size:
+        if not torch.jit.is_tracing() and min(x.shape[-2:]) < self.min_input_size:
             raise ValueError(f"{type(self).__name__} with {len(self.stage_names)} stages needs images of at least "
                              f"{self.min_input_size} px, got {tuple(x.shape[-2:])}")
         x = self.act(self.conv1(x))

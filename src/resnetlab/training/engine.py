@@ -108,8 +108,11 @@ class Trainer:
         self.log = log
         self.is_main = distributed.is_main() if is_main is None else is_main
         self.phases = phases or [Phase("train", cfg.epochs)]
-        # parameters the model froze itself (FastResNet's whitening filters and BN scales) stay frozen in every phase
+        # parameters the model froze itself (FastResNet's whitening filters and BN scales) stay frozen in every phase;
+        # its own lr multipliers (FastResNet's fast BN biases) apply when it trains from scratch (no phases given)
         self.fixed = {name for name, p in self.model.named_parameters() if not p.requires_grad}
+        self.model_lr_mult = getattr(ckpt.unwrap(self.model), "lr_multipliers", dict)() if phases is None else {}
+        self.min_side = getattr(ckpt.unwrap(self.model), "min_input_size", 8)  # for progressive resizing
         self.total_epochs = sum(p.epochs for p in self.phases)
         if cfg.time_budget and len(self.phases) > 1:
             raise ValueError(f"--time-budget works with single-phase training (train, or finetune --strategy full or "
@@ -164,9 +167,7 @@ class Trainer:
         for name, p in self.model.named_parameters():
             p.requires_grad_(name not in self.fixed and not any(fnmatch.fnmatch(name, pat) for pat in phase.freeze))
         lr = phase.lr if phase.lr is not None else self.cfg.lr
-        # a phase's own multipliers (fine-tuning), else the model's (FastResNet's fast BN biases), else none
-        lr_mult = phase.lr_mult or getattr(ckpt.unwrap(self.model), "lr_multipliers", dict)()
-        groups = param_groups(self.model, self.cfg.weight_decay, lr, lr_mult=lr_mult)
+        groups = param_groups(self.model, self.cfg.weight_decay, lr, lr_mult=phase.lr_mult or self.model_lr_mult)
         if not groups:
             raise ValueError(f"phase {phase.name!r} freezes every parameter: nothing to train")
         self.opt = build_optimizer(groups, self.cfg.optimizer, lr, self.cfg.momentum)
@@ -433,11 +434,12 @@ class Trainer:
             if self.is_main and self.history:  # a run killed between saving last and rewriting metrics.jsonl
                 self._write_metrics()
         if self.cfg.progressive_resize and hasattr(self.pipeline, "train_size"):
-            self.pipeline.set_train_scale(self._train_scale())
+            self.pipeline.set_train_scale(self._train_scale(), self.min_side)
             now, full = self.pipeline.train_size, self.pipeline.size
             self.log(f"progressive resizing: training images at {now[0]}x{now[1]} px, growing to {full[0]}x{full[1]} "
                      f"by {RESIZE_RAMP:.0%} of the run" if now != full else
-                     f"progressive resizing has no effect: {full[0]}x{full[1]} px images cannot shrink below 8 px")
+                     f"progressive resizing has no effect: {full[0]}x{full[1]} px images cannot shrink below "
+                     f"{max(8, self.min_side)} px")
         t_start = time.perf_counter()
         clock_base = self.clock  # the budget's seconds spent before this session (a resumed run)
 
@@ -461,6 +463,12 @@ class Trainer:
                     # trains a batch; an epoch cut by the budget, or by Ctrl-C after it, is always validated.)
                     self.clock = distributed.all_reduce_sum([own_clock()], self.prec.device)[0]
                     if self._budget_spent():
+                        last = self.history[-1] if self.history else {"best_acc": None}
+                        if "best_acc" not in last:  # --val-every skipped the epoch that turned out to be the last
+                            self._keep_best(last, self._validation_candidates(last))
+                            self.save_last()
+                            if self.is_main:
+                                self._write_metrics()
                         break
                 index, phase, phase_start = self._phase_for_epoch(self.epoch)
                 if index != self._phase_index:
@@ -495,7 +503,7 @@ class Trainer:
                     phase_step = (self.epoch - phase_start) * self.steps_per_epoch + b - b % accum
                     lr = set_lr(self.opt, self.base_lr, self._lr_factor(phase_step, phase_steps, warmup))
                     if self.cfg.progressive_resize:
-                        self.pipeline.set_train_scale(self._train_scale())
+                        self.pipeline.set_train_scale(self._train_scale(), self.min_side)
                     l_sum, c, n = self.train_step(xb, yb)
                     group = (group[0] + l_sum, group[1] + c, group[2] + n)
                     self.step += 1
@@ -560,32 +568,43 @@ class Trainer:
             distributed.broadcast_buffers(self.model)
             if self.ema is not None:  # (its n_averaged is the same everywhere, and may sit on the CPU)
                 distributed.broadcast_buffers(self.ema.module)
-        candidates = []
-        if self._validates_now():
-            pred = self.validate(self.model)
-            if pred is not None:
-                record.update(val_loss=pred.loss, val_acc=pred.accuracy)
-                candidates.append((pred.accuracy, self.model))
-            if self.ema is not None:
-                ema_pred = self.validate(self.ema.module)
-                if ema_pred is not None:
-                    record.update(ema_val_loss=ema_pred.loss, ema_val_acc=ema_pred.accuracy)
-                    candidates.append((ema_pred.accuracy, self.ema.module))
-            if not candidates:  # no validation data: the best is the best on the training data
-                candidates.append((record["train_acc"], self.model))
+        # validated before the epoch counts as done: Ctrl-C during validation resumes into it
+        candidates = self._validation_candidates(record) if self._validates_now() else []
         self.epoch += 1
         self.batch_in_epoch = 0
         self.epoch_sums = (0.0, 0.0, 0.0)
         self.history.append(record)
-        acc, model = max(candidates, key=lambda c: c[0], default=(-1.0, None))
-        if acc > self.best_acc:
-            self.best_acc, self.best_epoch = acc, self.epoch
-            self.save_best(model)
-        record["best_acc"] = self.best_acc
+        if candidates:
+            self._keep_best(record, candidates)
         self.save_last()
         if self.is_main:
             self._write_metrics()
         return record
+
+    def _validation_candidates(self, record: dict) -> list[tuple[float, nn.Module]]:
+        """Validate the model and its EMA into ``record``: ``(accuracy, model)`` of each. Without validation data
+        the training accuracy stands in."""
+        candidates = []
+        pred = self.validate(self.model)
+        if pred is not None:
+            record.update(val_loss=pred.loss, val_acc=pred.accuracy)
+            candidates.append((pred.accuracy, self.model))
+        if self.ema is not None:
+            ema_pred = self.validate(self.ema.module)
+            if ema_pred is not None:
+                record.update(ema_val_loss=ema_pred.loss, ema_val_acc=ema_pred.accuracy)
+                candidates.append((ema_pred.accuracy, self.ema.module))
+        if not candidates:
+            candidates.append((record["train_acc"], self.model))
+        return candidates
+
+    def _keep_best(self, record: dict, candidates: list[tuple[float, nn.Module]]) -> None:
+        """Save the best of ``candidates`` as ``checkpoints/best`` if it beats every earlier epoch."""
+        acc, model = max(candidates, key=lambda c: c[0])
+        if acc > self.best_acc:
+            self.best_acc, self.best_epoch = acc, self.epoch
+            self.save_best(model)
+        record["best_acc"] = self.best_acc
 
     def _validates_now(self) -> bool:
         """``cfg.val_every``: every N-th epoch, and always the run's last (its final epoch, or one the budget cut)."""
