@@ -208,13 +208,13 @@ def _fit_and_report(cfg: TrainConfig, model: torch.nn.Module, prepared: Prepared
     return TrainResult(run_dir, fit.best_acc, fit.best_epoch, fit.epochs, fit.seconds, fit.interrupted, cfg, report)
 
 
-DATA_INIT_SAMPLES = 5000  # training samples a data-dependent initialisation (a whitening stem) looks at,
+DATA_INIT_SAMPLES = 5000  # training samples a data-dependent initialisation (a whitening stem) looks at;
 DATA_INIT_VALUES = 5000 * 3 * 32 * 32  # fewer when they are large: at most this many input values
 
 
 def init_from_data(model: torch.nn.Module, prepared: PreparedData, pipeline: Pipeline, log) -> None:
-    """A model's data-dependent initialisation (``FastResNet``'s whitening stem) from the first training samples,
-    normalised as the model will see them, unaugmented: the same samples on every rank under torchrun."""
+    """A model's data-dependent initialisation (``FastResNet``'s whitening stem) from training samples spread over
+    the set (``init_indices``), normalised as the model will see them, unaugmented: the same on every rank."""
     idx = init_indices(len(prepared.train), prepared.sample_shape)
     x, _ = pipeline(torch.from_numpy(np.array(prepared.train.x[idx])), None, train=False)
     model.init_from_data(x)
