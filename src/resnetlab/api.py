@@ -212,9 +212,20 @@ DATA_INIT_SAMPLES = 5000  # training samples a data-dependent initialisation (a 
 DATA_INIT_VALUES = 5000 * 3 * 32 * 32  # fewer when they are large: at most this many input values
 
 
+def new_model(arch: str, prepared: PreparedData, pipeline: Pipeline, log, **overrides) -> torch.nn.Module:
+    """A freshly initialised ``arch`` for ``prepared``'s classes and ``pipeline``'s input channels, its
+    data-dependent initialisation done (``init_from_data``). (A resumed run loads its saved weights over it.)"""
+    model = create_model(arch, num_classes=prepared.spec.num_classes, in_chans=pipeline.input_size()[0], **overrides)
+    init_from_data(model, prepared, pipeline, log)
+    return model
+
+
 def init_from_data(model: torch.nn.Module, prepared: PreparedData, pipeline: Pipeline, log) -> None:
-    """A model's data-dependent initialisation (``FastResNet``'s whitening stem) from training samples spread over
-    the set (``init_indices``), normalised as the model will see them, unaugmented: the same on every rank."""
+    """A model's data-dependent initialisation (``FastResNet``'s whitening stem), if it has one, from training
+    samples spread over the set (``init_indices``), normalised as the model will see them, unaugmented: the same
+    on every rank."""
+    if not hasattr(model, "init_from_data"):
+        return
     idx = init_indices(len(prepared.train), prepared.sample_shape)
     x, _ = pipeline(torch.from_numpy(np.array(prepared.train.x[idx])), None, train=False)
     model.init_from_data(x)
@@ -271,9 +282,7 @@ def train(data: str | None = None, *, config: str | Path | dict | TrainConfig | 
     if cfg.zero_init_last:
         overrides["zero_init_last"] = True
     in_chans = pipeline.input_size()[0]
-    model = create_model(cfg.arch, num_classes=prepared.spec.num_classes, in_chans=in_chans, **overrides)
-    if hasattr(model, "init_from_data"):  # (a resumed run loads its trained weights over it, if it saved any)
-        init_from_data(model, prepared, pipeline, log)
+    model = new_model(cfg.arch, prepared, pipeline, log, **overrides)
     meta = model_meta(cfg, prepared, in_chans, overrides)
     result = run_training(cfg, model, prepared, pipeline, device, meta, log=log)
     log(f"best val accuracy {result.best_acc:.4f} at epoch {result.best_epoch}; "
@@ -429,7 +438,7 @@ def _finetune_model(cfg, prepared: PreparedData, pipeline: Pipeline, cw, log):
     model = create_model(name, num_classes=prepared.spec.num_classes, in_chans=in_chans, **overrides)
     report = load_pretrained(model, cw)
     log(str(report))
-    if hasattr(model, "init_from_data") and "conv1.weight" not in report.loaded:  # a stem for other channels
+    if "conv1.weight" not in report.loaded:  # a whitening stem for other channels: set from this data
         init_from_data(model, prepared, pipeline, log)
     return name, model, overrides, report
 
@@ -506,9 +515,7 @@ def lr_find(data: str | None = None, *, pretrained: str | None = None, start_lr:
     if cw is not None:
         _, model, _, _ = _finetune_model(cfg, prepared, pipeline, cw, log)
     else:
-        model = create_model(cfg.arch, num_classes=prepared.spec.num_classes, in_chans=pipeline.input_size()[0])
-        if hasattr(model, "init_from_data"):
-            init_from_data(model, prepared, pipeline, log)
+        model = new_model(cfg.arch, prepared, pipeline, log)
     prec = pick_precision(device, cfg.precision, cfg.channels_last, getattr(model, "ndim", 2))
     train_loader, _ = make_loaders(cfg, prepared, device)
     out = Path(cfg.out)
