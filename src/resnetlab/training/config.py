@@ -91,12 +91,17 @@ class TrainConfig:
                                    "linear-probe only (0: off)",
                               check=NON_NEGATIVE, metavar="MIN")
     batch_size: int | None = _opt(None, "batch size (default: from the dataset size)", check=AT_LEAST_ONE)
-    optimizer: str = _opt("sgd", "optimizer", ("sgd", "adamw"))
+    optimizer: str = _opt("sgd", "optimizer (muon: Muon for the stages' convolution filters and weight matrices, "
+                                 "Nesterov SGD at --lr for the rest: the stem, norms, biases and the head)",
+                          ("sgd", "adamw", "muon"))
     lr: float | None = _opt(None, "peak learning rate (default: images 0.2 x batch/256 SGD, 2e-3 x batch/256 "
                                        "AdamW; audio 0.1 SGD, 2e-3 AdamW; fine-tuning the same, lowered for the "
                                        "pretrained layers by the strategy)",
                             check=POSITIVE)
     momentum: float = _opt(0.9, "SGD momentum (Nesterov)", check=FRACTION)
+    muon_lr: float = _opt(0.15, "--optimizer muon: peak lr of the Muon part, the relative step size of each "
+                                "filter, which is kept at a fixed norm", check=POSITIVE)
+    muon_momentum: float = _opt(0.6, "--optimizer muon: momentum (Nesterov) of the Muon part", check=FRACTION)
     weight_decay: float | None = _opt(None, "weight decay, not applied to norms and biases "
                                             "(default: 5e-4 SGD, 0.05 AdamW)", check=NON_NEGATIVE)
     schedule: str = _opt("onecycle", "learning-rate schedule after warm-up", ("onecycle", "cosine", "constant"))

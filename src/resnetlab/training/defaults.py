@@ -50,11 +50,11 @@ def resolve(cfg: TrainConfig, *, modality: str, facts: dict, n_train: int, devic
     c.epochs = c.epochs or (BUDGET_EPOCH_CAP if c.time_budget else default_epochs(n_train))
     if c.lr is None:
         if modality == "audio":  # Tang & Lin's rate for keyword spotting, at batches of 32-64
-            c.lr = 0.1 if c.optimizer == "sgd" else 2e-3
+            c.lr = 2e-3 if c.optimizer == "adamw" else 0.1
         else:  # 0.1 at batch 128, the CIFAR ResNet rate, scaled linearly with the batch (Goyal et al. 2017)
-            c.lr = (0.2 if c.optimizer == "sgd" else 2e-3) * c.batch_size / 256
+            c.lr = (2e-3 if c.optimizer == "adamw" else 0.2) * c.batch_size / 256
     if c.weight_decay is None:
-        c.weight_decay = 5e-4 if c.optimizer == "sgd" else 0.05
+        c.weight_decay = 0.05 if c.optimizer == "adamw" else 5e-4
     if modality == "image":
         c.img_size = facts["img_size"]
         c.channels = facts["channels"]

@@ -170,7 +170,9 @@ class Trainer:
         groups = param_groups(self.model, self.cfg.weight_decay, lr, lr_mult=phase.lr_mult or self.model_lr_mult)
         if not groups:
             raise ValueError(f"phase {phase.name!r} freezes every parameter: nothing to train")
-        self.opt = build_optimizer(groups, self.cfg.optimizer, lr, self.cfg.momentum)
+        self.opt = build_optimizer(groups, self.cfg.optimizer, lr, self.cfg.momentum, muon_lr=self.cfg.muon_lr,
+                                   muon_momentum=self.cfg.muon_momentum,
+                                   stage_names=getattr(ckpt.unwrap(self.model), "stage_names", ()))
         self.base_lr = lr
         self._phase_index = index
         if self.distributed:  # DDP replicates the parameters trainable in this phase (a collective: every rank)

@@ -26,7 +26,9 @@ def lr_range_test(trainer: Trainer, *, start_lr: float = 1e-6, end_lr: float = 1
         raise ValueError(f"need 0 < start_lr < end_lr, got {start_lr}, {end_lr}")
     if steps < 5:
         raise ValueError(f"steps must be >= 5, got {steps}")
-    trainer.phases = [Phase("lr-find", 1, lr=start_lr)]
+    # groups keep their lr ratios (discriminative lrs, FastResNet's bias multiplier, the Muon part's lr): the
+    # sweep moves them all in proportion, from the run's configured lr
+    trainer.phases = [Phase("lr-find", 1, lr=trainer.cfg.lr or start_lr)]
     trainer._enter_phase(0)
     trainer.model.train()
     ratio = (end_lr / start_lr) ** (1 / (steps - 1))
