@@ -71,8 +71,8 @@ RECIPES = {
     # Nesterov 0.85 at its lr (11.5 per 1024 summed-loss examples = 0.75 for a mean loss at batch 512) and weight
     # decay (the same decay per step), label smoothing 0.2, 2-pixel translations and flips, lookahead, validation
     # only at the end; the model brings its whitening stem and its 64x lr for BN biases. Since session 4 the
-    # stages' filters train with Muon (airbench94_muon's momentum 0.6; lr 0.15 measured best of 0.1/0.15/0.25);
-    # --set optimizer=sgd gives the recipe as it was
+    # stages' filters train with Muon (airbench94_muon's momentum 0.6; muon lr 0.15: 0.1 and 0.25 were no better
+    # within the noise, BENCHMARKS.md); --set optimizer=sgd gives the recipe as it was
     "fast": {"arch": "fastresnet_s", "batch_size": 512, "lr": 0.75, "momentum": 0.85, "weight_decay": 1.33e-3,
              "label_smoothing": 0.2, "warmup_epochs": 1.2, "crop_pad": 2, "lookahead": True, "val_every": 0,
              "optimizer": "muon", "muon_lr": 0.15, "muon_momentum": 0.6},

@@ -141,3 +141,55 @@ def test_cli_muon_options_and_a_bad_value(tmp_path, capsys):
     code, _, err = run_cli(capsys, *train_argv(tmp_path, data, optimizer="muon", muon_momentum=0.8, epochs=1))
     assert code == 0, err
     assert "muon_momentum: 0.8" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_muon_steps_tall_filters_by_lr_of_their_norm_and_zero_ones_by_sgd():
+    torch.manual_seed(0)
+    tall = torch.nn.Parameter(torch.randn(256, 64, 1, 1))  # a bottleneck's expanding 1x1: more rows than columns
+    wide = torch.nn.Parameter(torch.randn(64, 64, 3, 3))
+    zero = torch.nn.Parameter(torch.zeros(16, 8, 3, 3))  # a zero-initialised residual branch
+    twin = torch.nn.Parameter(torch.zeros(16, 8, 3, 3))
+    groups = [{"params": [tall, wide, zero], "names": ["layer1.a", "layer1.b", "layer1.c"], "weight_decay": 1e-3,
+               "lr": 0.1, "lr_mult": 1.0}]
+    opt = build_optimizer(groups, "muon", 0.1, 0.9, muon_lr=0.2, stage_names=["layer1"])
+    reference = torch.optim.SGD([twin], lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    before = [p.detach().clone() for p in (tall, wide)]
+    for p in (tall, wide, zero):
+        p.grad = torch.randn_like(p)
+    twin.grad = zero.grad.clone()
+    opt.step()
+    reference.step()
+    steps = [float((p.detach() - b).norm() / b.norm()) for p, b in zip((tall, wide), before)]
+    # about lr of the norm (Newton-Schulz leaves singular values in about [0.7, 1.2]), and alike for both shapes
+    # (without the min(out, in) scaling the tall one would move half as far)
+    assert all(0.12 < s < 0.24 for s in steps) and steps[0] == pytest.approx(steps[1], rel=0.2), steps
+    assert zero.detach().abs().sum() > 0
+    torch.testing.assert_close(zero.detach(), twin.detach())
+
+
+def test_muon_build_errors_name_the_cause():
+    p = torch.nn.Parameter(torch.randn(4, 4, 3, 3))
+    with pytest.raises(ValueError, match="lr > 0"):
+        build_optimizer([{"params": [p], "names": ["layer1.w"], "weight_decay": 0.0}], "muon", 0.0)
+    with pytest.raises(ValueError, match="param_groups"):
+        build_optimizer([{"params": [p], "weight_decay": 0.0}], "muon", 0.1)
+
+
+def test_lp_ft_lowers_the_muon_part_with_the_rest(tmp_path, monkeypatch):
+    from resnetlab.training import engine
+
+    data = write_class_folders(tmp_path / "data", seed=2)
+    pre = resnetlab.train(str(data), log=_quiet, **tiny_options(tmp_path, epochs=1, out=str(tmp_path / "pre")))
+    seen = []
+    original = engine.Trainer._enter_phase
+
+    def spy(self, index):
+        original(self, index)
+        seen.append((self.phases[index].name, sorted({(g["muon"], round(g["lr"], 6)) for g in self.opt.param_groups})))
+
+    monkeypatch.setattr(engine.Trainer, "_enter_phase", spy)
+    opts = tiny_options(tmp_path, epochs=2, lr=0.05, optimizer="muon", muon_lr=0.2, out=str(tmp_path / "ft"))
+    resnetlab.finetune(str(data), pretrained=str(pre.run_dir), strategy="lp-ft", log=_quiet, **opts)
+    phases = dict(seen)
+    assert phases["fine-tune"] == [(False, 0.005), (True, 0.02)]  # a tenth of each
+    assert (True, 0.2) not in phases["fine-tune"]

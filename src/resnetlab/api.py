@@ -171,6 +171,12 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, prepared: PreparedDat
         torch.use_deterministic_algorithms(was_deterministic)
 
 
+def _optimizer_line(cfg) -> str:
+    if cfg.optimizer == "muon":
+        return f"muon lr {cfg.muon_lr:g} (the stages' filters) + sgd lr {cfg.lr:g}"
+    return f"{cfg.optimizer} lr {cfg.lr:g}"
+
+
 def _length(cfg: TrainConfig) -> str:
     if not cfg.time_budget:
         return f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}"
@@ -190,7 +196,7 @@ def _fit_and_report(cfg: TrainConfig, model: torch.nn.Module, prepared: Prepared
     if cfg.accum_steps > 1:
         batch += f" x {cfg.accum_steps} accumulated"
     log(f"{cfg.arch}: {n_params:,} parameters; {len(prepared.train)} train samples, {batch}, "
-        f"{_length(cfg)}, {cfg.optimizer} lr {cfg.lr:g}; {device.type} {prec.name}"
+        f"{_length(cfg)}, {_optimizer_line(cfg)}; {device.type} {prec.name}"
         f"{' channels-last' if prec.channels_last else ''}; run directory {run_dir}")
     trainer = Trainer(model, pipeline, train_loader, val_loader, cfg, run_dir, meta, prec, phases=phases, log=log)
     fit = trainer.fit()

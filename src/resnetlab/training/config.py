@@ -96,14 +96,16 @@ class TrainConfig:
                           ("sgd", "adamw", "muon"))
     lr: float | None = _opt(None, "peak learning rate (default: images 0.2 x batch/256 SGD, 2e-3 x batch/256 "
                                        "AdamW; audio 0.1 SGD, 2e-3 AdamW; fine-tuning the same, lowered for the "
-                                       "pretrained layers by the strategy)",
+                                       "pretrained layers by the strategy; muon: the SGD part's, as SGD)",
                             check=POSITIVE)
-    momentum: float = _opt(0.9, "SGD momentum (Nesterov)", check=FRACTION)
-    muon_lr: float = _opt(0.15, "--optimizer muon: peak lr of the Muon part, the relative step size of each "
-                                "filter, which is kept at a fixed norm", check=POSITIVE)
+    momentum: float = _opt(0.9, "SGD momentum (Nesterov; muon: of the SGD part)", check=FRACTION)
+    muon_lr: float = _opt(0.15, "--optimizer muon: peak lr of the Muon part, each filter's step relative to its "
+                                "norm, which stays fixed; fine-tuning strategies lower it with --lr",
+                          check=POSITIVE)
     muon_momentum: float = _opt(0.6, "--optimizer muon: momentum (Nesterov) of the Muon part", check=FRACTION)
     weight_decay: float | None = _opt(None, "weight decay, not applied to norms and biases "
-                                            "(default: 5e-4 SGD, 0.05 AdamW)", check=NON_NEGATIVE)
+                                            "(default: 5e-4 SGD and muon's SGD part, 0.05 AdamW; none on Muon's "
+                                            "fixed-norm filters)", check=NON_NEGATIVE)
     schedule: str = _opt("onecycle", "learning-rate schedule after warm-up", ("onecycle", "cosine", "constant"))
     warmup_epochs: float = _opt(1.0, "linear warm-up, in epochs (fractions allowed; at most a quarter of the run)",
                                 check=NON_NEGATIVE)

@@ -170,7 +170,9 @@ class Trainer:
         groups = param_groups(self.model, self.cfg.weight_decay, lr, lr_mult=phase.lr_mult or self.model_lr_mult)
         if not groups:
             raise ValueError(f"phase {phase.name!r} freezes every parameter: nothing to train")
-        self.opt = build_optimizer(groups, self.cfg.optimizer, lr, self.cfg.momentum, muon_lr=self.cfg.muon_lr,
+        # the Muon part's lr follows the phase's lr (lp-ft's tenth) in the configured ratio
+        muon_lr = self.cfg.muon_lr * lr / self.cfg.lr if self.cfg.lr else self.cfg.muon_lr
+        self.opt = build_optimizer(groups, self.cfg.optimizer, lr, self.cfg.momentum, muon_lr=muon_lr,
                                    muon_momentum=self.cfg.muon_momentum,
                                    stage_names=getattr(ckpt.unwrap(self.model), "stage_names", ()))
         self.base_lr = lr

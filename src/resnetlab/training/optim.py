@@ -72,8 +72,12 @@ def build_optimizer(groups: list[dict], name: str, lr: float, momentum: float = 
     if name == "adamw":
         return torch.optim.AdamW(clean, lr=lr, betas=(0.9, 0.999), **fused)
     if name == "muon":
+        if lr <= 0 or muon_lr <= 0:
+            raise ValueError(f"muon needs lr > 0 and muon_lr > 0, got {lr} and {muon_lr}")
         split = []
         for g in groups:
+            if "names" not in g:
+                raise ValueError("muon picks its parameters by name: build the groups with param_groups()")
             hidden = [p.ndim >= 2 and stage_of(n, stage_names) in stage_names for n, p in zip(g["names"], g["params"])]
             rest = {k: v for k, v in g.items() if k != "names"}
             if not all(hidden):
@@ -81,7 +85,10 @@ def build_optimizer(groups: list[dict], name: str, lr: float, momentum: float = 
             if any(hidden):  # the same schedule: the group's lr multiplier carries the ratio of the two lrs
                 mult = g.get("lr_mult", 1.0) * muon_lr / lr
                 split.append({**rest, "params": [p for p, h in zip(g["params"], hidden) if h], "muon": True,
-                              "lr": lr * mult, "lr_mult": mult, "momentum": muon_momentum, "weight_decay": 0.0})
+                              "lr": lr * mult, "lr_mult": mult, "momentum": muon_momentum, "weight_decay": 0.0,
+                              # for weights that start at zero (no norm to keep): SGD's update, at SGD's settings
+                              "sgd_lr_ratio": lr / muon_lr, "sgd_momentum": momentum,
+                              "sgd_weight_decay": g["weight_decay"]})
         return Muon(split, lr=lr, momentum=momentum, **fused)
     raise ValueError(f"unknown optimizer {name!r}; allowed: sgd, adamw, muon")
 
@@ -108,11 +115,14 @@ class Muon(torch.optim.Optimizer):
     A Muon group's update is its Nesterov momentum (``buf = momentum * buf + grad``; ``grad + momentum * buf``)
     replaced by the nearest semi-orthogonal matrix (a filter as an ``out x in*k*k`` matrix: every direction moves
     at the same rate). As in airbench, each weight keeps a fixed norm and ``lr`` is the relative step: the weight
-    is rescaled to the norm it had at its first step, then moves by ``lr * norm / sqrt(out)`` times the orthogonal
-    matrix (airbench fixes the norm at ``sqrt(out)``, where this is ``lr`` times it; keeping the weight's own norm
-    leaves pretrained layers at their scale, which frozen BatchNorm statistics rely on). What follows a
-    convolution in a ResNet is a normalisation layer, or a sum the next one normalises, so the scale is the norm
-    layers' to learn. No weight decay there: the norm is fixed.
+    is rescaled to the norm it had at its first step, then moves by ``lr * norm / sqrt(min(out, in*k*k))`` times
+    the orthogonal matrix, a step of about ``lr`` times its norm whatever its shape (airbench fixes the norm at
+    ``sqrt(out)``: the same step for its filters, all wider than tall; keeping the weight's own norm leaves
+    pretrained layers at their scale, which frozen BatchNorm statistics rely on). What follows a convolution in a
+    ResNet is a normalisation layer, or a sum the next one normalises, so the scale is the norm layers' to learn.
+    No weight decay there: the norm is fixed. A weight that starts at zero (a zero-initialised residual branch)
+    has no norm to keep; it takes the SGD update at the group's ``sgd_*`` settings instead. Grouped convolutions
+    are orthogonalised as one matrix, not group by group.
     PyTorch's ``torch.optim.Muon`` takes 2-D parameters only; this one takes convolution filters of any rank.
     The other groups take ``torch.optim.SGD``'s update (weight decay coupled, Nesterov when momentum > 0).
     """
@@ -120,7 +130,8 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, ns_steps: int = 5,
                  fused: bool | None = None):
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "muon": False,
-                                  "ns_steps": ns_steps, "fused": fused})
+                                  "ns_steps": ns_steps, "fused": fused, "sgd_lr_ratio": 1.0, "sgd_momentum": momentum,
+                                  "sgd_weight_decay": weight_decay})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -134,25 +145,37 @@ class Muon(torch.optim.Optimizer):
                 continue
             lr, momentum = group["lr"], group["momentum"]
             if not group["muon"]:
-                bufs = [self.state[p].get("momentum_buffer") for p in params]
-                sgd_update(params, [p.grad for p in params], bufs, fused=group.get("fused") or None,
-                           weight_decay=group["weight_decay"], momentum=momentum, lr=lr, dampening=0.0,
-                           nesterov=momentum > 0, maximize=False)
-                for p, buf in zip(params, bufs):
-                    if momentum > 0:
-                        self.state[p]["momentum_buffer"] = buf
+                self._sgd(params, lr, momentum, group["weight_decay"], group.get("fused"))
                 continue
+            free = []
             for p in params:
                 state = self.state[p]
+                if "norm" not in state:
+                    state["norm"] = p.detach().norm()
+                    state["free"] = bool(state["norm"] == 0)
+                if state["free"]:
+                    free.append(p)
+                    continue
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
-                    norm = p.detach().norm()  # the norm the weight keeps (an all-zero one: airbench's sqrt(out))
-                    state["norm"] = norm if norm > 0 else torch.tensor(len(p) ** 0.5, dtype=p.dtype, device=p.device)
                 buf = state["momentum_buffer"].mul_(momentum).add_(p.grad)
                 update = orthogonalize(p.grad.add(buf, alpha=momentum).reshape(len(p), -1), group["ns_steps"])
                 p.mul_(state["norm"] / p.norm().clamp_min(1e-12))
-                p.add_(update.view_as(p) * (state["norm"] * (-lr / len(p) ** 0.5)))
+                p.add_(update.view_as(p) * (state["norm"] * (-lr / min(update.shape) ** 0.5)))
+            if free:
+                self._sgd(free, lr * group["sgd_lr_ratio"], group["sgd_momentum"], group["sgd_weight_decay"],
+                          group.get("fused"))
         return loss
+
+
+    def _sgd(self, params: list[torch.Tensor], lr: float, momentum: float, weight_decay: float,
+             fused: bool | None) -> None:
+        bufs = [self.state[p].get("momentum_buffer") for p in params]
+        sgd_update(params, [p.grad for p in params], bufs, fused=fused or None, weight_decay=weight_decay,
+                   momentum=momentum, lr=lr, dampening=0.0, nesterov=momentum > 0, maximize=False)
+        if momentum > 0:
+            for p, buf in zip(params, bufs):
+                self.state[p]["momentum_buffer"] = buf
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, schedule: str, time_fraction: float | None = None) -> float:
