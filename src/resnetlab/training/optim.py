@@ -153,7 +153,7 @@ class Muon(torch.optim.Optimizer):
                 if "norm" not in state:
                     state["norm"] = p.detach().norm()
                     state["free"] = bool(state["norm"] == 0)
-                if state["free"]:
+                if state.get("free"):
                     free.append(p)
                     continue
                 if "momentum_buffer" not in state:
@@ -166,7 +166,6 @@ class Muon(torch.optim.Optimizer):
                 self._sgd(free, lr * group["sgd_lr_ratio"], group["sgd_momentum"], group["sgd_weight_decay"],
                           group.get("fused"))
         return loss
-
 
     def _sgd(self, params: list[torch.Tensor], lr: float, momentum: float, weight_decay: float,
              fused: bool | None) -> None:
