@@ -210,6 +210,26 @@ def test_bad_files_raise_a_one_line_data_error_naming_the_file(tmp_path, kind):
     assert isinstance(info.value, ValueError)
 
 
+def test_a_header_declaring_billions_of_frames_is_refused_before_reading(tmp_path):
+    """A 40-byte damaged FLAC (found by the fuzzer) declares 8.6e9 frames: soundfile would allocate 32 GiB."""
+    path = tmp_path / "bomb.flac"
+    path.write_bytes(b'fLaC\x00\x00\x00"\x10\x00\x10\x00\x00\x02L\x00\x02L\x01\xf4\x00r\x00\x00\x03 \x87\xdc'
+                     b'\xcc\xd1\xdd\xeet!+N\x80f\x15%\xbf\xe7')
+    with pytest.raises(DataError, match="declares 8,589,935,392 frames") as info:
+        decode_audio(path, 8000, 400)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_recording_longer_than_the_limit_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(audio, "MAX_AUDIO_VALUES", 1000)
+    path = tmp_path / "long.wav"
+    sf.write(path, np.zeros((600, 2), dtype=np.float32), 8000)  # 1,200 samples
+    with pytest.raises(DataError, match="more than 1,000 samples"):
+        read_audio(path)
+    sf.write(path, np.zeros((500, 2), dtype=np.float32), 8000)  # exactly the limit: read whole
+    assert read_audio(path)[0].shape == (500,)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="num_samples"):
         decode_audio("x.wav", 16000, 0)

@@ -58,6 +58,9 @@ def _check_extension(path: Path) -> None:
                         f"({', '.join(AUDIO_EXTENSIONS)})")
 
 
+MAX_AUDIO_VALUES = 2**27  # samples (frames x channels) one file may hold: 512 MiB as float32, 47 min of 48 kHz mono
+
+
 def _open_error(path: Path, err: Exception) -> DataError:
     reason = _one_line(getattr(err, "error_string", None) or err)
     return DataError(f"{path}: cannot decode: corrupt, truncated or not audio (libsndfile: {reason})")
@@ -95,7 +98,15 @@ def read_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple
                 if m and int(m.group(1)) not in _STREAMING_SIZES and int(m.group(1)) > int(m.group(2)):
                     raise DataError(f"{path}: truncated WAV: header declares {m.group(1)} bytes of audio data, "
                                     f"the file holds {m.group(2)}")
-            data = f.read(dtype="float32", always_2d=True)
+            # refused before reading: a damaged header can declare billions of frames (a 40-byte FLAC that would
+            # allocate 32 GiB), and so can a recording far too long to be one sample
+            values = declared_frames * f.channels
+            if 0 < declared_frames < 2**62 and values > MAX_AUDIO_VALUES:
+                raise DataError(f"{path}: header declares {declared_frames:,} frames x {f.channels} channels, more "
+                                f"than {MAX_AUDIO_VALUES:,} samples; a damaged file, or a recording to cut into clips")
+            data = f.read(frames=MAX_AUDIO_VALUES // max(f.channels, 1) + 1, dtype="float32", always_2d=True)
+            if data.size > MAX_AUDIO_VALUES:  # a stream of unknown length that turned out too long
+                raise DataError(f"{path}: more than {MAX_AUDIO_VALUES:,} samples; cut the recording into clips")
     except DataError:
         raise
     except (RuntimeError, ValueError, OSError, EOFError) as err:  # soundfile.LibsndfileError is a RuntimeError
