@@ -7,8 +7,8 @@ the first step; scan, cache build, the run report and a test-time-augmented eval
 (``--tta``, reported beside the plain figure) come outside it.
 
 Recipes (``--recipe``): ``fast`` (default), airbench94's recipe on ``fastresnet_s`` (whitening stem, conv-pool
-residual stages, lookahead, validation at the end only), with Muon for the stages' filters as in airbench94_muon
-(``--set optimizer=sgd``: airbench94's SGD); ``wide``, resnetlab's one-cycle recipe on a wide,
+residual stages, lookahead, validation at the end only, alternating flips), with Muon for the stages' filters as
+in airbench94_muon (``--set optimizer=sgd``: airbench94's SGD); ``wide``, resnetlab's one-cycle recipe on a wide,
 shallow ResNet (``resnet8_wide``, registered here).
 
 Baseline, for scale: a calibration times resnetlab's training step against the same model's plain fp32 NCHW step
@@ -72,10 +72,11 @@ RECIPES = {
     # decay (the same decay per step), label smoothing 0.2, 2-pixel translations and flips, lookahead, validation
     # only at the end; the model brings its whitening stem and its 64x lr for BN biases. Since session 4 the
     # stages' filters train with Muon (airbench94_muon's momentum 0.6; muon lr 0.15: 0.1 and 0.25 were no better
-    # within the noise, BENCHMARKS.md); --set optimizer=sgd gives the recipe as it was
+    # within the noise, BENCHMARKS.md); --set optimizer=sgd gives the recipe as it was. Since session 5 the flips
+    # alternate per image (airbench's derandomised flip; --set flip_mode=random for the coin per image)
     "fast": {"arch": "fastresnet_s", "batch_size": 512, "lr": 0.75, "momentum": 0.85, "weight_decay": 1.33e-3,
              "label_smoothing": 0.2, "warmup_epochs": 1.2, "crop_pad": 2, "lookahead": True, "val_every": 0,
-             "optimizer": "muon", "muon_lr": 0.15, "muon_momentum": 0.6},
+             "optimizer": "muon", "muon_lr": 0.15, "muon_momentum": 0.6, "flip_mode": "alternate"},
 }
 
 

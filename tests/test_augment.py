@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resnetlab.data.augment import cutout, mix, random_crop, random_flip, random_resized_crop
+from resnetlab.data.augment import alternating_flip, cutout, mix, random_crop, random_flip, random_resized_crop
 from resnetlab.data.image_pipeline import ImagePipeline
 
 
@@ -168,3 +168,59 @@ def test_train_scale_rounds_to_multiples_of_4_within_the_full_size(side, scale, 
     pipe = ImagePipeline((side, side), 3, [0.5] * 3, [0.25] * 3, 10)
     pipe.set_train_scale(scale)
     assert pipe.train_size == (expected, expected)
+
+
+# --- alternating flips (airbench's derandomised flip) ----------------------------------------------------------
+
+
+def _mirrored(out: torch.Tensor, x: torch.Tensor) -> list[bool]:
+    """Which images of ``out`` are the mirror image of ``x``'s (asymmetric inputs: one or the other)."""
+    return [bool(torch.equal(o, xi.flip(-1))) for o, xi in zip(out, x)]
+
+
+def test_alternating_flip_mirrors_each_image_every_other_epoch():
+    x = torch.rand(200, 1, 2, 3, generator=_gen())
+    index = torch.arange(1000, 1200)
+    flips = [_mirrored(alternating_flip(x, index, epoch, seed=3), x) for epoch in range(4)]
+    for epoch in range(3):  # over any two consecutive epochs each image is seen both ways
+        assert all(a != b for a, b in zip(flips[epoch], flips[epoch + 1]))
+    assert flips[0] == flips[2] and flips[1] == flips[3]
+    assert 80 <= sum(flips[0]) <= 120  # about half of the images mirrored in each epoch
+    unflipped = alternating_flip(x, index, 0, seed=3)
+    assert all(torch.equal(o, xi) for o, xi, f in zip(unflipped, x, flips[0]) if not f)
+
+
+def test_alternating_flip_start_is_random_per_seed_and_balanced_along_the_stored_order():
+    index = torch.arange(10_000)
+    x = torch.arange(2.0).view(1, 1, 1, 2).expand(10_000, 1, 1, 2)  # [0, 1]: mirrored reads [1, 0]
+    first = alternating_flip(x, index, 0, seed=0)[:, 0, 0, 0] == 1
+    other_seed = alternating_flip(x, index, 0, seed=1)[:, 0, 0, 0] == 1
+    assert 0.45 < first.float().mean() < 0.55
+    assert 0.45 < (first == other_seed).float().mean() < 0.55  # another seed: an unrelated start
+    # a cache stores the classes one after the other: every stretch of 500 must be about half mirrored
+    assert all(0.4 < chunk.float().mean() < 0.6 for chunk in first.split(500))
+    assert 0.45 < (first[1:] == first[:-1]).float().mean() < 0.55  # neighbours independent: no stripes
+    assert torch.equal(first, alternating_flip(x, index, 0, seed=0)[:, 0, 0, 0] == 1)  # a pure function
+
+
+def test_image_pipeline_alternating_flip_follows_the_index_and_epoch():
+    pipe = ImagePipeline((4, 4), 1, [0.0], [1.0], 2, flip_mode="alternate", flip_seed=7)
+    x = (torch.rand(64, 1, 4, 4, generator=_gen()) * 255).to(torch.uint8)
+    index = torch.arange(64) * 5
+    e0, _ = pipe(x, None, train=True, generator=_gen(), index=index, epoch=0)
+    e1, _ = pipe(x, None, train=True, generator=_gen(1), index=index, epoch=1)  # the generator plays no part
+    torch.testing.assert_close(e1, e0.flip(-1))
+    e2, _ = pipe(x, None, train=True, generator=_gen(2), index=index, epoch=2)
+    torch.testing.assert_close(e2, e0)
+    # without indices (lr-find's sweep): random flips from the generator
+    r1, _ = pipe(x, None, train=True, generator=_gen(1))
+    r2, _ = pipe(x, None, train=True, generator=_gen(1))
+    torch.testing.assert_close(r1, r2)
+    assert not torch.equal(r1, pipe(x, None, train=True, generator=_gen(2))[0])
+    config = pipe.config()
+    assert config["flip_mode"] == "alternate" and config["flip_seed"] == 7
+    assert ImagePipeline.from_config(config).config() == config
+    old = {k: v for k, v in config.items() if k not in ("flip_mode", "flip_seed")}  # a checkpoint from before
+    assert ImagePipeline.from_config(old).flip_mode == "random"
+    with pytest.raises(ValueError, match="flip_mode.*'sometimes'"):
+        ImagePipeline((4, 4), 1, [0.0], [1.0], 2, flip_mode="sometimes")

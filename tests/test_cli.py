@@ -115,11 +115,11 @@ def test_train_interrupt_exits_130_and_resume_finishes(capsys, tmp_path, tiny_da
     original = Trainer.train_step
     calls = {"n": 0}
 
-    def train_step(self, xb, yb):
+    def train_step(self, xb, yb, *rest):
         calls["n"] += 1
         if calls["n"] > 4:
             raise KeyboardInterrupt
-        return original(self, xb, yb)
+        return original(self, xb, yb, *rest)
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
     code, out, _ = run_cli(capsys, *train_argv(tmp_path, tiny_data, epochs=3))

@@ -211,13 +211,13 @@ def _spy_bn_modes(monkeypatch) -> list[dict[str, bool]]:
     seen: list[dict] = []
     original = Trainer.train_step
 
-    def train_step(self, xb, yb):
+    def train_step(self, xb, yb, *rest):
         modes = {n: m.training for n, m in self.model.named_modules()
                  if isinstance(m, nn.modules.batchnorm._BatchNorm)}
         if not seen:
             modes["initial"] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         seen.append(modes)
-        return original(self, xb, yb)
+        return original(self, xb, yb, *rest)
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
     return seen

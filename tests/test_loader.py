@@ -107,3 +107,15 @@ def test_bad_batch_size_is_refused():
 def test_on_device_path_gives_the_same_batches():
     host, dev = _loader(seed=2), _loader(seed=2, on_device=True)
     assert _epoch(host, 1) == _epoch(dev, 1)
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_with_index_yields_each_samples_position_in_the_dataset(on_device):
+    loader = _loader(n=23, bs=4, seed=2, on_device=on_device)
+    batches = list(loader.epoch(1, 2, with_index=True))
+    assert len(batches) == 4  # from batch 2 of 6
+    for xb, yb, index in batches:
+        assert index.dtype == torch.int64 and index.device.type == "cpu"
+        assert index.tolist() == xb[:, 0].tolist()  # x[i] holds i
+        assert yb.tolist() == [i % 3 for i in index.tolist()]
+    assert [sorted(i.tolist()) for _, _, i in batches] == _epoch(loader, 1, 2)

@@ -94,11 +94,11 @@ def test_muon_trains_resumes_exactly_and_records_its_options(tmp_path, monkeypat
 
     original, count = Trainer.train_step, {"n": 0}
 
-    def train_step(self, xb, yb):
+    def train_step(self, xb, yb, *rest):
         count["n"] += 1
         if count["n"] > 11:  # mid-epoch 2 (6 batches an epoch)
             raise KeyboardInterrupt
-        return original(self, xb, yb)
+        return original(self, xb, yb, *rest)
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
     out = str(tmp_path / "resumed")

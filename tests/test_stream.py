@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 import resnetlab
@@ -24,10 +25,11 @@ def test_lazy_array_decodes_like_the_cache(tiny_data, tmp_path):
     np.testing.assert_array_equal(streamed.train.y, cached.train.y)
 
 
-def test_streaming_run_equals_cached_run(tiny_data, tmp_path):
+@pytest.mark.parametrize("flip_mode", ["random", "alternate"])  # alternate: the batches' sample indices agree
+def test_streaming_run_equals_cached_run(tiny_data, tmp_path, flip_mode):
     runs = {}
     for stream in (False, True):
-        opts = tiny_options(tmp_path / f"s{stream}", deterministic=True, workers=1)
+        opts = tiny_options(tmp_path / f"s{stream}", deterministic=True, workers=1, flip_mode=flip_mode)
         runs[stream] = resnetlab.train(str(tiny_data), stream=stream, **opts)
     a, _ = ckpt.read_checkpoint(runs[False].run_dir / "checkpoints" / "last.safetensors")
     b, _ = ckpt.read_checkpoint(runs[True].run_dir / "checkpoints" / "last.safetensors")

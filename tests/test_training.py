@@ -51,11 +51,11 @@ def _interrupt_after(monkeypatch, steps: int) -> None:
     original = Trainer.train_step
     count = {"n": 0}
 
-    def train_step(self, xb, yb):
+    def train_step(self, xb, yb, *rest):
         count["n"] += 1
         if count["n"] > steps:
             raise KeyboardInterrupt
-        return original(self, xb, yb)
+        return original(self, xb, yb, *rest)
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
 
@@ -496,9 +496,9 @@ def test_progressive_resizing_grows_training_images_to_the_full_size(tmp_path, t
     sizes = []
     original = Trainer.train_step
 
-    def train_step(self, xb, yb):
+    def train_step(self, xb, yb, *rest):
         sizes.append(self.pipeline.train_size)
-        return original(self, xb, yb)
+        return original(self, xb, yb, *rest)
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
     result = resnetlab.train(str(tiny_data), log=_quiet, **tiny_options(tmp_path, epochs=4, progressive_resize=0.5))
@@ -507,6 +507,31 @@ def test_progressive_resizing_grows_training_images_to_the_full_size(tmp_path, t
     assert sizes.count((16, 16)) >= len(sizes) // 4  # the last quarter at the full size
     _, meta = read_checkpoint(Path(result.run_dir) / "checkpoints" / "best.safetensors")
     assert meta["pipeline"]["size"] == [16, 16] and "train_size" not in meta["pipeline"]
+
+
+def test_alternating_flips_get_each_batchs_sample_indices_and_epoch(tmp_path, tiny_data, monkeypatch):
+    from resnetlab.data.image_pipeline import ImagePipeline
+
+    seen: dict[int, list[int]] = {}
+    original = ImagePipeline.__call__
+
+    def spy(self, x, y, train, generator=None, index=None, epoch=0):
+        if train:
+            assert index is not None and len(index) == len(x)
+            seen.setdefault(epoch, []).extend(index.tolist())
+        return original(self, x, y, train, generator, index, epoch)
+
+    monkeypatch.setattr(ImagePipeline, "__call__", spy)
+    result = resnetlab.train(str(tiny_data), log=_quiet, **tiny_options(tmp_path, epochs=3, flip_mode="alternate",
+                                                                         seed=4))
+    assert sorted(seen) == [0, 1, 2]
+    for indices in seen.values():  # each epoch: the training samples, each once
+        assert len(indices) >= 8 and len(set(indices)) == len(indices)
+    assert set(seen[0]) == set(seen[1]) == set(seen[2])
+    config = yaml.safe_load((Path(result.run_dir) / "config.yaml").read_text())
+    assert config["flip_mode"] == "alternate"
+    _, meta = read_checkpoint(Path(result.run_dir) / "checkpoints" / "last.safetensors")
+    assert meta["pipeline"]["flip_mode"] == "alternate" and meta["pipeline"]["flip_seed"] == 4
 
 
 def test_progressive_resizing_is_refused_for_audio(tmp_path):

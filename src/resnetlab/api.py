@@ -85,8 +85,8 @@ def make_pipeline(cfg: TrainConfig, prepared: PreparedData, model_ndim: int, dev
             m, s = channel_stats(prepared.train.x, seed=cfg.seed)
             mean, std = mean or m, std or s
         return ImagePipeline((cfg.img_size, cfg.img_size), cfg.channels, mean, std, num_classes,
-                             crop_pad=cfg.crop_pad, flip=cfg.flip, rrc=cfg.rrc, cutout=cfg.cutout, mixup=cfg.mixup,
-                             cutmix=cfg.cutmix)
+                             crop_pad=cfg.crop_pad, flip=cfg.flip, flip_mode=cfg.flip_mode, flip_seed=cfg.seed,
+                             rrc=cfg.rrc, cutout=cfg.cutout, mixup=cfg.mixup, cutmix=cfg.cutmix)
     from resnetlab.data.audio_pipeline import AudioPipeline
 
     sr = prepared.facts["sample_rate"]

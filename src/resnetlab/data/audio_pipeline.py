@@ -103,7 +103,8 @@ class AudioPipeline(Pipeline):
     # --- the Pipeline protocol ---------------------------------------------------------------------------
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None, train: bool,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 generator: torch.Generator | None = None, index: torch.Tensor | None = None,
+                 epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``x``: int16 waves ``(N, num_samples)`` (float waves in [-1, 1) are accepted too), on the device.
 
         Returns float32 model input, ``(N, 1, F, frames)`` or ``(N, F, frames)``, and ``y`` unchanged. With

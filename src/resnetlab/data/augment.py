@@ -38,6 +38,27 @@ def random_flip(x: torch.Tensor, generator: torch.Generator | None = None, p: fl
     return torch.where(mask, x.flip(-1), x)
 
 
+def _hash_bits(index: torch.Tensor, seed: int) -> torch.Tensor:
+    """A fixed pseudo-random bit per (seed, index): an integer hash (two xor-shift-multiply rounds, 32 bits) in
+    int64 arithmetic that cannot overflow, so the same on every device and in every process."""
+    mask = 0xFFFFFFFF
+    h = (index.long() + (int(seed) & 0x7FFFFFFF) * 0x9E3779B1) & mask
+    for _ in range(2):
+        h = ((h ^ (h >> 16)) * 0x45D9F3B) & mask
+    return ((h ^ (h >> 16)) & 1).bool()
+
+
+def alternating_flip(x: torch.Tensor, index: torch.Tensor, epoch: int, seed: int = 0) -> torch.Tensor:
+    """Horizontal flips that alternate per image (Jordan 2024, airbench's derandomised flip).
+
+    Image ``index[i]`` is mirrored in the even epochs if its fixed random bit (from ``seed``) is set, and in the odd
+    epochs if not: a random half of the data is mirrored in each epoch, as with random flips, but over any two
+    consecutive epochs every image is seen both ways, never twice the same way.
+    """
+    mask = _hash_bits(index.to(x.device), seed) ^ bool(epoch % 2)
+    return torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
 def random_resized_crop(x: torch.Tensor, size: tuple[int, int], scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3),
                         generator: torch.Generator | None = None) -> torch.Tensor:
     """Inception-style crop: a random area fraction and aspect ratio per image, resized to ``size`` (bilinear).

@@ -7,8 +7,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from resnetlab.data.augment import cutout, mix, random_crop, random_flip, random_resized_crop
+from resnetlab.data.augment import alternating_flip, cutout, mix, random_crop, random_flip, random_resized_crop
 from resnetlab.data.pipeline import Pipeline, register_pipeline
+
+FLIP_MODES = ("random", "alternate")
 
 
 @register_pipeline("image")
@@ -20,16 +22,22 @@ class ImagePipeline(Pipeline):
         channels: 1 or 3.
         mean, std: per-channel normalisation in [0, 1] units.
         crop_pad: random crop with reflect padding, pixels (0: off).
-        flip: random horizontal flips.
+        flip: horizontal flips.
+        flip_mode: ``"random"`` (each image mirrored with probability 1/2 in every epoch) or ``"alternate"``
+            (:func:`~resnetlab.data.augment.alternating_flip`: each image mirrored every other epoch, from a
+            random start drawn from ``flip_seed``). Alternating needs the batch's sample indices; a batch that
+            comes without them (``lr-find``'s sweep) gets random flips.
         rrc: random-resized-crop (scale ``rrc_scale``) instead of padding crops.
         cutout: cutout square side, pixels (0: off).
         mixup, cutmix: alphas (0: off); targets become soft probabilities.
     """
 
     def __init__(self, size: tuple[int, int], channels: int, mean: list[float], std: list[float],
-                 num_classes: int, *, crop_pad: int = 0, flip: bool = True, rrc: bool = False,
-                 rrc_scale: tuple[float, float] = (0.35, 1.0), cutout: int = 0, mixup: float = 0.0,
-                 cutmix: float = 0.0):
+                 num_classes: int, *, crop_pad: int = 0, flip: bool = True, flip_mode: str = "random",
+                 flip_seed: int = 0, rrc: bool = False, rrc_scale: tuple[float, float] = (0.35, 1.0), cutout: int = 0,
+                 mixup: float = 0.0, cutmix: float = 0.0):
+        if flip_mode not in FLIP_MODES:
+            raise ValueError(f"flip_mode must be one of {', '.join(FLIP_MODES)}, got {flip_mode!r}")
         if len(mean) != channels or len(std) != channels:
             raise ValueError(f"mean/std need {channels} values, got {list(mean)} / {list(std)}")
         if any(s <= 0 for s in std):
@@ -39,6 +47,7 @@ class ImagePipeline(Pipeline):
         self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
         self.num_classes = int(num_classes)
         self.crop_pad, self.flip, self.rrc = int(crop_pad), bool(flip), bool(rrc)
+        self.flip_mode, self.flip_seed = flip_mode, int(flip_seed)
         self.rrc_scale = (float(rrc_scale[0]), float(rrc_scale[1]))
         self.cutout, self.mixup, self.cutmix = int(cutout), float(mixup), float(cutmix)
         self._mean_t = torch.tensor(self.mean).view(1, -1, 1, 1)
@@ -64,14 +73,16 @@ class ImagePipeline(Pipeline):
             x = x.float().div_(255)
         return (x - self._mean_t.to(x.device)) / self._std_t.to(x.device)
 
-    def __call__(self, x, y, train, generator=None):
+    def __call__(self, x, y, train, generator=None, index=None, epoch=0):
         x = x.float().div_(255)
         if train:
             if self.rrc:  # straight to the training size: one resampling
                 x = random_resized_crop(x, self.train_size, self.rrc_scale, generator=generator)
             elif self.crop_pad:
                 x = random_crop(x, self.crop_pad, generator)
-            if self.flip:
+            if self.flip and self.flip_mode == "alternate" and index is not None:
+                x = alternating_flip(x, index, epoch, self.flip_seed)
+            elif self.flip:
                 x = random_flip(x, generator)
             if self.cutout:
                 x = cutout(x, self.cutout, generator)
@@ -88,8 +99,8 @@ class ImagePipeline(Pipeline):
     def config(self) -> dict:
         return {"modality": "image", "size": list(self.size), "channels": self.channels, "mean": self.mean,
                 "std": self.std, "num_classes": self.num_classes, "crop_pad": self.crop_pad, "flip": self.flip,
-                "rrc": self.rrc, "rrc_scale": list(self.rrc_scale), "cutout": self.cutout, "mixup": self.mixup,
-                "cutmix": self.cutmix}
+                "flip_mode": self.flip_mode, "flip_seed": self.flip_seed, "rrc": self.rrc,
+                "rrc_scale": list(self.rrc_scale), "cutout": self.cutout, "mixup": self.mixup, "cutmix": self.cutmix}
 
     @classmethod
     def from_config(cls, cfg: dict) -> ImagePipeline:

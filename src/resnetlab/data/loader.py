@@ -76,20 +76,26 @@ class DeviceLoader:
             perm = perm[: len(perm) // bs * bs]
         return [perm[i:i + bs] for i in range(start * bs, len(perm), bs)]
 
-    def _fetch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fetch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._x_dev is not None:
             dev_idx = idx.to(self.device)
-            return self._x_dev[dev_idx], self._y_all[idx].to(self.device)
+            return self._x_dev[dev_idx], self._y_all[idx].to(self.device), idx
         # Sorted reads are sequential on the memmap; the order inside a batch does not matter to SGD.
         idx = idx.sort().values
         xb = torch.from_numpy(self.x[idx.numpy()])
         yb = self._y_all[idx]
         if self._pin:
             xb, yb = xb.pin_memory(), yb.pin_memory()
-        return xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+        return xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True), idx
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield the batches of ``epoch`` from batch ``start_batch`` on (for mid-epoch resume)."""
+    def epoch(self, epoch: int, start_batch: int = 0, with_index: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Yield the batches ``(x, y)`` of ``epoch`` from batch ``start_batch`` on (for mid-epoch resume);
+        ``(x, y, index)`` with ``with_index``, ``index`` the samples' positions in the dataset (int64, on the
+        host), for augmentations that treat each image by its identity (alternating flips)."""
+        for x, y, idx in self._epoch(epoch, start_batch):
+            yield (x, y, idx) if with_index else (x, y)
+
+    def _epoch(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         batches = self._batches(epoch, start_batch)
         if not batches:
             return
@@ -103,7 +109,8 @@ class DeviceLoader:
             for idx, xb in stream_batches(self.x, [b.sort().values for b in batches], self.workers):
                 yb = self._y_all[idx]
                 xb = xb if torch.is_tensor(xb) else torch.from_numpy(xb)  # DataLoader converts arrays itself
-                yield xb.to(self.device, non_blocking=self._pin), yb.to(self.device, non_blocking=self._pin)
+                yield (xb.to(self.device, non_blocking=self._pin), yb.to(self.device, non_blocking=self._pin),
+                       torch.as_tensor(idx))
             return
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(self._fetch, batches[0])

@@ -16,14 +16,17 @@ class Pipeline:
     ``__call__(x, y, train)`` takes a batch already on the device (``x``: uint8 ``(N, C, H, W)`` images or
     int16 ``(N, T)`` waves; ``y``: int64 labels or ``None``) and returns ``(inputs, targets)``: float model
     input, and targets that are int64 class indices or, after mixup/cutmix, float ``(N, num_classes)``
-    probabilities. With ``train=False`` it is deterministic (no augmentation).
+    probabilities. With ``train=False`` it is deterministic (no augmentation). Training batches may come with
+    ``index`` (the samples' positions in the dataset) and ``epoch``, for augmentations that follow each sample
+    across epochs; pipelines that draw everything at random ignore them.
     """
 
     modality: str = ""
     num_classes: int = 0
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None, train: bool,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 generator: torch.Generator | None = None, index: torch.Tensor | None = None,
+                 epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
     def input_size(self) -> tuple[int, ...]:

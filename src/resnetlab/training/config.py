@@ -121,7 +121,12 @@ class TrainConfig:
     crop_pad: int | None = _opt(None, "random crop with this much padding, in pixels (default: img_size/8 for "
                                       "small images, 0 when random-resized-crop is on)", group="augmentation",
                                       check=NON_NEGATIVE)
-    flip: bool = _opt(True, "random horizontal flips (turn off for digits and text)", group="augmentation")
+    flip: bool = _opt(True, "horizontal flips, drawn as --flip-mode says (turn off for digits and text)",
+                      group="augmentation")
+    flip_mode: str = _opt("random", "how --flip draws: random (each image mirrored with probability 1/2 every epoch) "
+                                    "or alternate (airbench's derandomised flip: each image mirrored every other "
+                                    "epoch, from a random start set by --seed)", ("random", "alternate"),
+                          group="augmentation")
     rrc: bool | None = _opt(None, "random-resized-crop (default: on for images of 96 px and more)",
                             group="augmentation")
     cutout: int = _opt(0, "cutout square side in pixels (0: off)", group="augmentation", check=NON_NEGATIVE)

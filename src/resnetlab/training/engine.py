@@ -321,12 +321,14 @@ class Trainer:
         order = ["stem", *stages, "final", "head"]
         return {s: math.sqrt(sq[s]) for s in order if s in sq}
 
-    def train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[float, float, int]:
+    def train_step(self, xb: torch.Tensor, yb: torch.Tensor,
+                   sample_index: torch.Tensor | None = None) -> tuple[float, float, int]:
         """Forward and backward of one batch, then the optimizer step if the batch ends its accumulation group
-        (always without accumulation). Returns this rank's ``(loss x samples, correct, samples)``."""
+        (always without accumulation). ``sample_index``: the batch's positions in the dataset, for the pipeline's
+        per-sample augmentations. Returns this rank's ``(loss x samples, correct, samples)``."""
         index, size = self._accum
         final = index == size - 1
-        x, y = self.pipeline(xb, yb, train=True, generator=self.aug_gen)
+        x, y = self.pipeline(xb, yb, train=True, generator=self.aug_gen, index=sample_index, epoch=self.epoch)
         x = self.prec.format_input(x)
         # DDP all-reduces the gradients during backward; before a group's last batch they only accumulate locally
         no_sync = self.ddp.no_sync() if self.ddp is not None and not final else contextlib.nullcontext()
@@ -494,7 +496,7 @@ class Trainer:
                            disable=not bars)
                 accum, first_batch = self.cfg.accum_steps, self.batch_in_epoch
                 group = (0.0, 0.0, 0.0)  # this rank's sums over the batches of the current accumulation group
-                for xb, yb in self.train_loader.epoch(self.epoch, self.batch_in_epoch):
+                for xb, yb, sample_index in self.train_loader.epoch(self.epoch, self.batch_in_epoch, with_index=True):
                     if self._budget_spent() and self.step > 0:
                         break  # a resumed epoch whose budget had run out: straight to its validation
                     # groups of accum_steps batches from each epoch's start; the epoch's last may be shorter (and the
@@ -508,7 +510,7 @@ class Trainer:
                     lr = set_lr(self.opt, self.base_lr, self._lr_factor(phase_step, phase_steps, warmup))
                     if self.cfg.progressive_resize:
                         self.pipeline.set_train_scale(self._train_scale(), self.min_side)
-                    l_sum, c, n = self.train_step(xb, yb)
+                    l_sum, c, n = self.train_step(xb, yb, sample_index)
                     group = (group[0] + l_sum, group[1] + c, group[2] + n)
                     self.step += 1
                     self.batch_in_epoch += 1
