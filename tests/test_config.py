@@ -6,9 +6,11 @@ import dataclasses
 
 import pytest
 
+import resnetlab
+from conftest import tiny_options
 from resnetlab.api import build_config
 from resnetlab.cli import main
-from resnetlab.training.config import TrainConfig, coerce, load_yaml, make_config
+from resnetlab.training.config import TrainConfig, coerce, inert_options, load_yaml, make_config
 
 
 @pytest.mark.parametrize("key, raw, expected", [
@@ -196,3 +198,18 @@ def test_time_budget_is_refused_for_phased_fine_tuning_before_anything_runs():
     assert FinetuneConfig(strategy="full", time_budget=5.0).time_budget == 5.0
     with pytest.raises(ValueError, match="single-phase strategies .*'lp-ft' trains in phases"):
         FinetuneConfig(time_budget=5.0)
+
+
+def test_options_that_do_nothing_in_the_config_are_named():
+    assert inert_options(TrainConfig()) == []
+    assert inert_options(TrainConfig(optimizer="muon", muon_lr=0.3, flip_mode="alternate")) == []
+    assert inert_options(TrainConfig(muon_lr=0.3, muon_momentum=0.7)) == [
+        "--muon-lr 0.3 has no effect without --optimizer muon",
+        "--muon-momentum 0.7 has no effect without --optimizer muon"]
+    assert inert_options(TrainConfig(flip=False, flip_mode="alternate")) == [
+        "--flip-mode alternate has no effect without --flip"]
+
+
+def test_train_says_when_an_option_does_nothing(tmp_path, tiny_data, capsys):
+    resnetlab.train(str(tiny_data), **tiny_options(tmp_path, epochs=1, muon_lr=0.3))
+    assert "note: --muon-lr 0.3 has no effect without --optimizer muon" in capsys.readouterr().err

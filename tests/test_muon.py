@@ -193,3 +193,34 @@ def test_lp_ft_lowers_the_muon_part_with_the_rest(tmp_path, monkeypatch):
     phases = dict(seen)
     assert phases["fine-tune"] == [(False, 0.005), (True, 0.02)]  # a tenth of each
     assert (True, 0.2) not in phases["fine-tune"]
+
+
+def test_orthogonalize_takes_a_batch_of_matrices_one_by_one():
+    torch.manual_seed(0)
+    for shape in [(4, 6, 18), (3, 18, 6)]:
+        g = torch.randn(shape)
+        torch.testing.assert_close(orthogonalize(g), torch.stack([orthogonalize(m) for m in g]))
+
+
+def test_muon_orthogonalises_a_grouped_convolution_group_by_group():
+    """ResNeXt's grouped 3x3: 4 groups, each an independent 2 x 2*3*3 matrix; as one 8 x 18 matrix the update
+    could not be orthogonal within each group."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 8, 3, groups=4, bias=False))
+    groups = param_groups(model, 0.0, 0.1)
+    assert {n: b for g in groups for n, b in zip(g["names"], g["blocks"])} == {"0.weight": 1, "0.bias": 1,
+                                                                               "1.weight": 4}
+    opt = build_optimizer(groups, "muon", 0.1, 0.9, muon_lr=0.2, muon_momentum=0.0, stage_names=["1"])
+    w = model[1].weight
+    before = w.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    blocks = orthogonalize(w.grad.reshape(4, 2, 18))  # momentum 0: the update is the gradient's
+    expected = before - 0.2 * before.norm() / (4 * 2) ** 0.5 * blocks.reshape_as(w)
+    torch.testing.assert_close(w.detach(), expected, rtol=1e-4, atol=1e-5)
+    for block in (w.detach() - before).reshape(4, 2, 18):  # each group's step: near-orthogonal rows
+        sv = torch.linalg.svdvals(block)
+        assert sv.max() / sv.min() < 1.8, sv
+    step = float((w.detach() - before).norm() / before.norm())
+    assert 0.12 < step < 0.24, step  # about muon_lr of the norm, as for an ungrouped filter

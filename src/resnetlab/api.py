@@ -27,7 +27,7 @@ from resnetlab.data.prepare import PreparedData, channel_stats, decoder_for, pre
 from resnetlab.models import create_model, get_spec
 from resnetlab.training import checkpoint as ckpt
 from resnetlab.training import distributed
-from resnetlab.training.config import TrainConfig, load_yaml, make_config, save_config
+from resnetlab.training.config import TrainConfig, inert_options, load_yaml, make_config, save_config
 from resnetlab.training.defaults import resolve
 from resnetlab.training.engine import Phase, Trainer
 from resnetlab.training.evaluate import predict_loader
@@ -128,6 +128,9 @@ def prepare_run(cfg: TrainConfig, log=print):
     cfg = resolve(cfg, modality=prepared.spec.modality, facts=prepared.facts, n_train=len(prepared.train),
                   device_type=device.type)
     cfg.out = distributed.broadcast_object(cfg.out)  # the default name holds the time: rank 0's for all
+    if distributed.is_main():
+        for note in inert_options(cfg):
+            print(f"note: {note}", file=sys.stderr)
     spec = get_spec(cfg.arch)
     pipeline = make_pipeline(cfg, prepared, spec.ndim, device)
     return cfg, device, prepared, pipeline

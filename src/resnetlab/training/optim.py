@@ -28,8 +28,11 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, *,
     """Split trainable parameters into groups: no weight decay on norms and biases (1-D tensors).
 
     ``lr_mult`` maps shell-style name patterns to learning-rate multipliers (discriminative learning rates:
-    ``{"layer1.*": 0.1, "fc.*": 1.0}``); the first matching pattern wins, unmatched parameters get 1.0.
+    ``{"layer1.*": 0.1, "fc.*": 1.0}``); the first matching pattern wins, unmatched parameters get 1.0. Each group
+    also lists its parameters' ``names`` and ``blocks`` (a grouped convolution's weight: its number of groups, the
+    independent matrices it holds; 1 for everything else), which :func:`build_optimizer` uses for Muon.
     """
+    conv_groups = {id(m.weight): m.groups for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)}
     groups: dict[tuple[float, float], list] = {}
     names: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
@@ -43,8 +46,8 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, *,
                 break
         groups.setdefault((wd, mult), []).append(p)
         names.setdefault((wd, mult), []).append(name)
-    return [{"params": ps, "weight_decay": wd, "lr": lr * mult, "lr_mult": mult, "names": names[(wd, mult)]}
-            for (wd, mult), ps in groups.items()]
+    return [{"params": ps, "weight_decay": wd, "lr": lr * mult, "lr_mult": mult, "names": names[(wd, mult)],
+             "blocks": [conv_groups.get(id(p), 1) for p in ps]} for (wd, mult), ps in groups.items()]
 
 
 def _fusable(groups: list[dict]) -> bool:
@@ -65,7 +68,7 @@ def build_optimizer(groups: list[dict], name: str, lr: float, momentum: float = 
     (``benchmarks/bench_precision.py``). ``muon``: :class:`Muon` for the filters and weight matrices inside
     ``stage_names`` (at ``muon_lr``, ``muon_momentum``), SGD as above for everything else.
     """
-    clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+    clean = [{k: v for k, v in g.items() if k not in ("names", "blocks")} for g in groups]
     fused = {"fused": True} if _fusable(clean) else {}
     if name == "sgd":
         return torch.optim.SGD(clean, lr=lr, momentum=momentum, nesterov=momentum > 0, **fused)
@@ -79,12 +82,14 @@ def build_optimizer(groups: list[dict], name: str, lr: float, momentum: float = 
             if "names" not in g:
                 raise ValueError("muon picks its parameters by name: build the groups with param_groups()")
             hidden = [p.ndim >= 2 and stage_of(n, stage_names) in stage_names for n, p in zip(g["names"], g["params"])]
-            rest = {k: v for k, v in g.items() if k != "names"}
+            blocks = g.get("blocks") or [1] * len(hidden)
+            rest = {k: v for k, v in g.items() if k not in ("names", "blocks")}
             if not all(hidden):
                 split.append({**rest, "params": [p for p, h in zip(g["params"], hidden) if not h]})
             if any(hidden):  # the same schedule: the group's lr multiplier carries the ratio of the two lrs
                 mult = g.get("lr_mult", 1.0) * muon_lr / lr
-                split.append({**rest, "params": [p for p, h in zip(g["params"], hidden) if h], "muon": True,
+                split.append({**rest, "params": [p for p, h in zip(g["params"], hidden) if h],
+                              "blocks": [b for b, h in zip(blocks, hidden) if h], "muon": True,
                               "lr": lr * mult, "lr_mult": mult, "momentum": muon_momentum, "weight_decay": 0.0,
                               # for weights that start at zero (no norm to keep): SGD's update, at SGD's settings
                               "sgd_lr_ratio": lr / muon_lr, "sgd_momentum": momentum,
@@ -94,18 +99,19 @@ def build_optimizer(groups: list[dict], name: str, lr: float, momentum: float = 
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """About the nearest semi-orthogonal matrix to the 2-D ``g`` (``U V^T`` of its SVD): Newton-Schulz
-    iterations in bf16 with Muon's quintic coefficients (Jordan et al. 2024)."""
+    """About the nearest semi-orthogonal matrix to the matrix ``g`` (``U V^T`` of its SVD), or to each of a batch
+    ``(..., m, n)`` of them: Newton-Schulz iterations in bf16 with Muon's quintic coefficients (Jordan et al.
+    2024)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.bfloat16()
-    tall = x.shape[0] > x.shape[1]
+    tall = x.shape[-2] > x.shape[-1]
     if tall:
-        x = x.T
-    x = x / (x.norm() + 1e-7)
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
-        s = x @ x.T
+        s = x @ x.mT
         x = a * x + (b * s + c * (s @ s)) @ x
-    return (x.T if tall else x).to(g.dtype)
+    return (x.mT if tall else x).to(g.dtype)
 
 
 class Muon(torch.optim.Optimizer):
@@ -122,8 +128,10 @@ class Muon(torch.optim.Optimizer):
     pretrained layers at their scale, which frozen BatchNorm statistics rely on). What follows a convolution in a
     ResNet is a normalisation layer, or a sum the next one normalises, so the scale is the norm layers' to learn.
     No weight decay there: the norm is fixed. A weight that starts at zero (a zero-initialised residual branch)
-    has no norm to keep; it takes the SGD update at the group's ``sgd_*`` settings instead. Grouped convolutions
-    are orthogonalised as one matrix, not group by group.
+    has no norm to keep; it takes the SGD update at the group's ``sgd_*`` settings instead. A grouped
+    convolution (ResNeXt) holds ``groups`` independent matrices, each acting on its own inputs: each is
+    orthogonalised on its own (the group's ``blocks``, aligned with its ``params``), so every group's every
+    direction moves, and together they step ``lr`` times the weight's norm.
     PyTorch's ``torch.optim.Muon`` takes 2-D parameters only; this one takes convolution filters of any rank.
     The other groups take ``torch.optim.SGD``'s update (weight decay coupled, Nesterov when momentum > 0).
     """
@@ -149,6 +157,7 @@ class Muon(torch.optim.Optimizer):
                 self._sgd(params, lr, momentum, group["weight_decay"], group.get("fused"))
                 continue
             free = []
+            blocks = dict(zip(map(id, group["params"]), group.get("blocks") or ()))
             for p in params:
                 state = self.state[p]
                 if "norm" not in state:
@@ -160,9 +169,11 @@ class Muon(torch.optim.Optimizer):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
                 buf = state["momentum_buffer"].mul_(momentum).add_(p.grad)
-                update = orthogonalize(p.grad.add(buf, alpha=momentum).reshape(len(p), -1), group["ns_steps"])
+                n = blocks.get(id(p), 1)
+                update = orthogonalize(p.grad.add(buf, alpha=momentum).reshape(n, len(p) // n, -1),
+                                       group["ns_steps"])
                 p.mul_(state["norm"] / p.norm().clamp_min(1e-12))
-                p.add_(update.view_as(p) * (state["norm"] * (-lr / min(update.shape) ** 0.5)))
+                p.add_(update.view_as(p) * (state["norm"] * (-lr / (n * min(update.shape[-2:])) ** 0.5)))
             if free:
                 self._sgd(free, lr * group["sgd_lr_ratio"], group["sgd_momentum"], group["sgd_weight_decay"],
                           group.get("fused"))
