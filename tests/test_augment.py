@@ -201,6 +201,8 @@ def test_alternating_flip_start_is_random_per_seed_and_balanced_along_the_stored
     assert all(0.4 < chunk.float().mean() < 0.6 for chunk in first.split(500))
     assert 0.45 < (first[1:] == first[:-1]).float().mean() < 0.55  # neighbours independent: no stripes
     assert torch.equal(first, alternating_flip(x, index, 0, seed=0)[:, 0, 0, 0] == 1)  # a pure function
+    big_seed = alternating_flip(x, index, 0, seed=2**31)[:, 0, 0, 0] == 1
+    assert 0.45 < (first == big_seed).float().mean() < 0.55  # every bit of a 32-bit seed counts
 
 
 def test_image_pipeline_alternating_flip_follows_the_index_and_epoch():
@@ -222,5 +224,7 @@ def test_image_pipeline_alternating_flip_follows_the_index_and_epoch():
     assert ImagePipeline.from_config(config).config() == config
     old = {k: v for k, v in config.items() if k not in ("flip_mode", "flip_seed")}  # a checkpoint from before
     assert ImagePipeline.from_config(old).flip_mode == "random"
+    # random flips write no new keys: their checkpoints stay readable by versions from before flip_mode
+    assert ImagePipeline.from_config(old).config() == old
     with pytest.raises(ValueError, match="flip_mode.*'sometimes'"):
         ImagePipeline((4, 4), 1, [0.0], [1.0], 2, flip_mode="sometimes")

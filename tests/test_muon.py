@@ -202,11 +202,12 @@ def test_orthogonalize_takes_a_batch_of_matrices_one_by_one():
         torch.testing.assert_close(orthogonalize(g), torch.stack([orthogonalize(m) for m in g]))
 
 
-def test_muon_orthogonalises_a_grouped_convolution_group_by_group():
+@pytest.mark.parametrize(("out", "k", "block"), [(8, 3, (2, 18)), (32, 1, (8, 2))], ids=["wide", "tall"])
+def test_muon_orthogonalises_a_grouped_convolution_group_by_group(out, k, block):
     """ResNeXt's grouped 3x3: 4 groups, each an independent 2 x 2*3*3 matrix; as one 8 x 18 matrix the update
-    could not be orthogonal within each group."""
+    could not be orthogonal within each group (and a grouped 1x1 that widens: 8 x 2 blocks)."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 8, 3, groups=4, bias=False))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, out, k, groups=4, bias=False))
     groups = param_groups(model, 0.0, 0.1)
     assert {n: b for g in groups for n, b in zip(g["names"], g["blocks"])} == {"0.weight": 1, "0.bias": 1,
                                                                                "1.weight": 4}
@@ -216,11 +217,26 @@ def test_muon_orthogonalises_a_grouped_convolution_group_by_group():
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     opt.step()
-    blocks = orthogonalize(w.grad.reshape(4, 2, 18))  # momentum 0: the update is the gradient's
-    expected = before - 0.2 * before.norm() / (4 * 2) ** 0.5 * blocks.reshape_as(w)
+    blocks = orthogonalize(w.grad.reshape(4, *block))  # momentum 0: the update is the gradient's
+    expected = before - 0.2 * before.norm() / (4 * min(block)) ** 0.5 * blocks.reshape_as(w)
     torch.testing.assert_close(w.detach(), expected, rtol=1e-4, atol=1e-5)
-    for block in (w.detach() - before).reshape(4, 2, 18):  # each group's step: near-orthogonal rows
-        sv = torch.linalg.svdvals(block)
+    for b in (w.detach() - before).reshape(4, *block):  # each group's step: near-orthogonal
+        sv = torch.linalg.svdvals(b)
         assert sv.max() / sv.min() < 1.8, sv
     step = float((w.detach() - before).norm() / before.norm())
     assert 0.12 < step < 0.24, step  # about muon_lr of the norm, as for an ungrouped filter
+
+
+def test_muon_keeps_its_blocks_when_loading_a_state_without_them():
+    """``blocks`` describe the model: a checkpoint from before they existed must not turn them off."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, groups=4, bias=False))
+    opt = build_optimizer(param_groups(model, 0.0, 0.1), "muon", 0.1, muon_lr=0.2, stage_names=["0"])
+    model[0].weight.grad = torch.randn_like(model[0].weight)
+    opt.step()
+    saved = opt.state_dict()
+    old = {**saved, "param_groups": [{k: v for k, v in g.items() if k != "blocks"} for g in saved["param_groups"]]}
+    fresh = build_optimizer(param_groups(model, 0.0, 0.1), "muon", 0.1, muon_lr=0.2, stage_names=["0"])
+    fresh.load_state_dict(old)
+    assert [g.get("blocks") for g in fresh.param_groups if g["muon"]] == [[4]]
+    torch.testing.assert_close(fresh.state[model[0].weight]["momentum_buffer"],
+                               opt.state[model[0].weight]["momentum_buffer"])

@@ -42,7 +42,7 @@ def _hash_bits(index: torch.Tensor, seed: int) -> torch.Tensor:
     """A fixed pseudo-random bit per (seed, index): an integer hash (two xor-shift-multiply rounds, 32 bits) in
     int64 arithmetic that cannot overflow, so the same on every device and in every process."""
     mask = 0xFFFFFFFF
-    h = (index.long() + (int(seed) & 0x7FFFFFFF) * 0x9E3779B1) & mask
+    h = (index.long() + ((int(seed) * 0x9E3779B1) & mask)) & mask  # the seed's part in Python's exact integers
     for _ in range(2):
         h = ((h ^ (h >> 16)) * 0x45D9F3B) & mask
     return ((h ^ (h >> 16)) & 1).bool()

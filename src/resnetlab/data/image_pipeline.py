@@ -97,10 +97,13 @@ class ImagePipeline(Pipeline):
         return (self.channels, *self.size)
 
     def config(self) -> dict:
-        return {"modality": "image", "size": list(self.size), "channels": self.channels, "mean": self.mean,
-                "std": self.std, "num_classes": self.num_classes, "crop_pad": self.crop_pad, "flip": self.flip,
-                "flip_mode": self.flip_mode, "flip_seed": self.flip_seed, "rrc": self.rrc,
-                "rrc_scale": list(self.rrc_scale), "cutout": self.cutout, "mixup": self.mixup, "cutmix": self.cutmix}
+        cfg = {"modality": "image", "size": list(self.size), "channels": self.channels, "mean": self.mean,
+               "std": self.std, "num_classes": self.num_classes, "crop_pad": self.crop_pad, "flip": self.flip,
+               "rrc": self.rrc, "rrc_scale": list(self.rrc_scale), "cutout": self.cutout, "mixup": self.mixup,
+               "cutmix": self.cutmix}
+        if self.flip_mode != "random":  # only when used: checkpoints of random-flip runs stay readable by older code
+            cfg.update(flip_mode=self.flip_mode, flip_seed=self.flip_seed)
+        return cfg
 
     @classmethod
     def from_config(cls, cfg: dict) -> ImagePipeline:

@@ -14,6 +14,7 @@ Speed tricks (bf16 autocast, channels-last, compile, data on the device) sit beh
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import signal
@@ -100,6 +101,7 @@ class Trainer:
         if cfg.sync_bn:  # before the EMA copy, the optimizer and DDP; a no-op in a single process
             self.model = distributed.convert_sync_batchnorm(self.model, prec.device)
         self.pipeline = pipeline.to(prec.device)
+        self._per_sample = _takes_sample_index(self.pipeline)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -328,7 +330,8 @@ class Trainer:
         per-sample augmentations. Returns this rank's ``(loss x samples, correct, samples)``."""
         index, size = self._accum
         final = index == size - 1
-        x, y = self.pipeline(xb, yb, train=True, generator=self.aug_gen, index=sample_index, epoch=self.epoch)
+        per_sample = {"index": sample_index, "epoch": self.epoch} if self._per_sample else {}
+        x, y = self.pipeline(xb, yb, train=True, generator=self.aug_gen, **per_sample)
         x = self.prec.format_input(x)
         # DDP all-reduces the gradients during backward; before a group's last batch they only accumulate locally
         no_sync = self.ddp.no_sync() if self.ddp is not None and not final else contextlib.nullcontext()
@@ -622,6 +625,13 @@ class Trainer:
     def _write_metrics(self) -> None:
         """metrics.jsonl from the checkpointed history, so a resumed run never duplicates or loses a line."""
         _write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+
+
+def _takes_sample_index(pipeline: Pipeline) -> bool:
+    """Whether ``pipeline`` takes ``index`` and ``epoch`` (a custom pipeline written before they existed does not:
+    it gets the batch as it always did)."""
+    params = inspect.signature(pipeline.__call__).parameters
+    return {"index", "epoch"} <= params.keys() or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 LOOKAHEAD_EVERY = 5  # optimizer steps between lookahead syncs (airbench)

@@ -131,7 +131,8 @@ class Muon(torch.optim.Optimizer):
     has no norm to keep; it takes the SGD update at the group's ``sgd_*`` settings instead. A grouped
     convolution (ResNeXt) holds ``groups`` independent matrices, each acting on its own inputs: each is
     orthogonalised on its own (the group's ``blocks``, aligned with its ``params``), so every group's every
-    direction moves, and together they step ``lr`` times the weight's norm.
+    direction moves, and together they step ``lr`` times the weight's norm. (A depthwise filter's groups are single
+    rows, whose one singular value the 5 quintic steps leave at about 0.7: they step about 0.7 ``lr``.)
     PyTorch's ``torch.optim.Muon`` takes 2-D parameters only; this one takes convolution filters of any rank.
     The other groups take ``torch.optim.SGD``'s update (weight decay coupled, Nesterov when momentum > 0).
     """
@@ -178,6 +179,15 @@ class Muon(torch.optim.Optimizer):
                 self._sgd(free, lr * group["sgd_lr_ratio"], group["sgd_momentum"], group["sgd_weight_decay"],
                           group.get("fused"))
         return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """PyTorch's, keeping each group's ``blocks``: they describe the model, not the run, and a checkpoint
+        written before they existed has none."""
+        blocks = [g.get("blocks") for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, kept in zip(self.param_groups, blocks):
+            if kept is not None:
+                group["blocks"] = kept
 
     def _sgd(self, params: list[torch.Tensor], lr: float, momentum: float, weight_decay: float,
              fused: bool | None) -> None:
