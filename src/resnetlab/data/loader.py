@@ -109,8 +109,7 @@ class DeviceLoader:
             for idx, xb in stream_batches(self.x, [b.sort().values for b in batches], self.workers):
                 yb = self._y_all[idx]
                 xb = xb if torch.is_tensor(xb) else torch.from_numpy(xb)  # DataLoader converts arrays itself
-                yield (xb.to(self.device, non_blocking=self._pin), yb.to(self.device, non_blocking=self._pin),
-                       torch.as_tensor(idx))
+                yield xb.to(self.device, non_blocking=self._pin), yb.to(self.device, non_blocking=self._pin), idx
             return
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(self._fetch, batches[0])

@@ -335,13 +335,13 @@ def make_config(cls=TrainConfig, *layers: dict):
 DEPENDS_ON = {"muon_lr": ("optimizer", "muon"), "muon_momentum": ("optimizer", "muon"), "flip_mode": ("flip", True)}
 
 
-def inert_options(cfg) -> list[str]:
+def inert_options(cfg: TrainConfig) -> list[str]:
     """A sentence for each option set away from its default that does nothing in ``cfg`` (``--muon-lr`` without
     ``--optimizer muon``): a user who set it expects it to act."""
     defaults = {f.name: f.default for f in fields(cfg)}
     notes = []
     for name, (other, needed) in DEPENDS_ON.items():
-        if hasattr(cfg, name) and getattr(cfg, name) != defaults[name] and getattr(cfg, other) != needed:
+        if getattr(cfg, name) != defaults[name] and getattr(cfg, other) != needed:
             flag, other_flag = "--" + name.replace("_", "-"), "--" + other.replace("_", "-")
             needs = other_flag if needed is True else f"{other_flag} {needed}"
             notes.append(f"{flag} {getattr(cfg, name)} has no effect without {needs}")

@@ -158,8 +158,9 @@ class Muon(torch.optim.Optimizer):
                 self._sgd(params, lr, momentum, group["weight_decay"], group.get("fused"))
                 continue
             free = []
-            blocks = dict(zip(map(id, group["params"]), group.get("blocks") or ()))
-            for p in params:
+            for p, n in zip(group["params"], group.get("blocks") or [1] * len(group["params"])):
+                if p.grad is None:
+                    continue
                 state = self.state[p]
                 if "norm" not in state:
                     state["norm"] = p.detach().norm()
@@ -170,7 +171,6 @@ class Muon(torch.optim.Optimizer):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
                 buf = state["momentum_buffer"].mul_(momentum).add_(p.grad)
-                n = blocks.get(id(p), 1)
                 update = orthogonalize(p.grad.add(buf, alpha=momentum).reshape(n, len(p) // n, -1),
                                        group["ns_steps"])
                 p.mul_(state["norm"] / p.norm().clamp_min(1e-12))
