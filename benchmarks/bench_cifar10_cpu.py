@@ -1,14 +1,14 @@
 """CIFAR-10 on this CPU: the best test accuracy within a training budget (10 minutes; target >= 90%).
 
 ``resnetlab.train(data=cifar10, time_budget=10, ...)`` trains on the 50,000-image train split with the 10,000-image
-test split as validation: the time budget stretches the one-cycle schedule over the 10 minutes and ends it (at a
+test split as validation: the time budget stretches the linear schedule over the 10 minutes and ends it (at a
 learning rate of zero, mid-epoch if need be) when they run out. The budget counts training and validation, from
 the first step; scan, cache build, the run report and a test-time-augmented evaluation of the best checkpoint
 (``--tta``, reported beside the plain figure) come outside it.
 
 Recipes (``--recipe``): ``fast`` (default), airbench94's recipe on ``fastresnet_s`` (whitening stem, conv-pool
 residual stages, lookahead, validation at the end only, alternating flips), with Muon for the stages' filters as
-in airbench94_muon (``--set optimizer=sgd``: airbench94's SGD); ``wide``, resnetlab's one-cycle recipe on a wide,
+in airbench94_muon (``--set optimizer=sgd``: airbench94's SGD); ``wide``, resnetlab's linear-decay recipe on a wide,
 shallow ResNet (``resnet8_wide``, registered here).
 
 Baseline, for scale: a calibration times resnetlab's training step against the same model's plain fp32 NCHW step
@@ -45,7 +45,7 @@ from _common import (  # noqa: E402
     verdict,
 )
 from resnetlab.data.image_pipeline import ImagePipeline  # noqa: E402
-from resnetlab.data.loader import DeviceLoader  # noqa: E402
+from resnetlab.data.loader import ArrayLoader  # noqa: E402
 from resnetlab.models.registry import list_models, register_model  # noqa: E402
 from resnetlab.models.resnet import ResNet  # noqa: E402
 from resnetlab.training.config import TrainConfig  # noqa: E402
@@ -64,7 +64,7 @@ EXTRA_MODELS = {
 }
 
 RECIPES = {
-    # resnetlab's defaults for a small ResNet, tuned: one-cycle, label smoothing, a short warm-up
+    # resnetlab's defaults for a small ResNet, tuned: linear decay, label smoothing, a short warm-up
     "wide": {"arch": "resnet8_wide", "batch_size": 256, "lr": 0.4, "label_smoothing": 0.1, "warmup_epochs": 0.5,
              "weight_decay": 5e-4},
     # airbench94's recipe (Jordan 2024) through resnetlab's options, on its network with residual units: SGD
@@ -94,7 +94,7 @@ def calibrate(recipe: dict, x: np.ndarray, y: np.ndarray, steps: int, tmp: Path)
         facts={"img_size": 32, "channels": 3}, n_train=len(y), device_type="cpu")
     pipe = ImagePipeline((32, 32), 3, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26], 10, crop_pad=cfg.crop_pad)
     prec = pick_precision(torch.device("cpu"), "auto", None, 2)
-    loader = DeviceLoader(x, y, batch, shuffle=True, drop_last=True)
+    loader = ArrayLoader(x, y, batch, shuffle=True, drop_last=True)
     trainer = Trainer(resnetlab.create_model(arch, num_classes=10), pipe, loader, None, cfg, tmp, {}, prec,
                       log=lambda m: None)
     trainer._enter_phase(0)
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
             print(f"  {msg}", flush=True)
 
     t1 = time.perf_counter()
-    # --time-budget: the one-cycle schedule is stretched over the budget and ends at zero when it runs out
+    # --time-budget: the linear schedule is stretched over the budget and ends at zero when it runs out
     res = resnetlab.train(data=str(data), epochs=args.epochs, time_budget=budget / 60,
                           progressive_resize=args.progressive_resize, cache_dir=str(cache), out=str(runs / "run"),
                           quiet=True, log=log, **recipe)

@@ -30,7 +30,7 @@ import torchvision  # noqa: E402
 from _common import add_threads_arg, apply_threads, machine, median, print_machine, record, verdict  # noqa: E402
 from resnetlab import create_model  # noqa: E402
 from resnetlab.data.image_pipeline import ImagePipeline  # noqa: E402
-from resnetlab.data.loader import DeviceLoader  # noqa: E402
+from resnetlab.data.loader import ArrayLoader  # noqa: E402
 from resnetlab.training.config import TrainConfig  # noqa: E402
 from resnetlab.training.defaults import resolve  # noqa: E402
 from resnetlab.training.engine import Trainer  # noqa: E402
@@ -52,7 +52,7 @@ def resnetlab_stepper(arch: str, run_dir: Path):
                              rrc=cfg.rrc)
     model = create_model(arch, num_classes=CLASSES, in_chans=3)
     prec = pick_precision(device, cfg.precision, cfg.channels_last, 2)
-    loader = DeviceLoader(x, y, BATCH, shuffle=True, drop_last=True, device=device)
+    loader = ArrayLoader(x, y, BATCH, shuffle=True, drop_last=True, device=device)
     trainer = Trainer(model, pipeline, loader, None, cfg, run_dir, {"arch": arch}, prec, log=lambda m: None)
     trainer._enter_phase(0)  # builds the optimizer, as fit() does at its first epoch
     trainer.model.train()

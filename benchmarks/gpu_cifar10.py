@@ -43,7 +43,7 @@ RECIPES = {
                           "weight_decay": 5e-4, "schedule": "cosine", "warmup_epochs": 1.0, "label_smoothing": 0.1}},
     "fast": {"target": 0.94, "tta": "flip-shift",
              "options": {"arch": "fastresnet", "epochs": 10, "batch_size": 1024, "lr": 1.5, "momentum": 0.85,
-                         "weight_decay": 1.33e-3, "schedule": "onecycle", "warmup_epochs": 2.3,
+                         "weight_decay": 1.33e-3, "schedule": "linear", "warmup_epochs": 2.3,
                          "label_smoothing": 0.2, "crop_pad": 2, "flip_mode": "alternate", "lookahead": True,
                          "val_every": 0}},
 }

@@ -51,7 +51,7 @@ def test_coerce_converts_values(key, raw, expected):
     ("flip", 2, "expected bool"),
     ("mean", "a,b", "expected list"),
     ("optimizer", "rmsprop", "allowed: sgd, adamw"),
-    ("schedule", "step", "allowed: onecycle, cosine, constant"),
+    ("schedule", "step", "allowed: linear, cosine, constant"),
     ("precision", "int8", "allowed: auto, fp32, bf16, fp16"),
     ("optimizer", None, "cannot be empty"),
 ])
@@ -213,3 +213,34 @@ def test_options_that_do_nothing_in_the_config_are_named():
 def test_train_says_when_an_option_does_nothing(tmp_path, tiny_data, capsys):
     resnetlab.train(str(tiny_data), **tiny_options(tmp_path, epochs=1, muon_lr=0.3))
     assert "note: --muon-lr 0.3 has no effect without --optimizer muon" in capsys.readouterr().err
+
+
+def test_the_linear_schedule_is_also_read_under_its_old_name_onecycle(tmp_path, monkeypatch, capsys):
+    """``onecycle`` (linear warm-up then linear decay to 0) is now ``linear``; old configs, old run directories
+    (resume reads their config.yaml) and old command lines still work, and resolve to the new name."""
+    import resnetlab.api
+    from resnetlab.training.optim import lr_at
+
+    assert TrainConfig().schedule == "linear"
+    assert TrainConfig(schedule="onecycle").schedule == "linear"
+    assert coerce(TrainConfig, "schedule", "onecycle") == "linear"
+    (tmp_path / "config.yaml").write_text("schedule: onecycle\nepochs: 2\n")
+    assert make_config(TrainConfig, load_yaml(tmp_path / "config.yaml")).schedule == "linear"
+    assert [lr_at(s, 10, 0, "linear") for s in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0])
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(cfg, log=print):
+        seen["cfg"] = cfg
+        raise Stop
+
+    monkeypatch.setattr(resnetlab.api, "prepare_run", capture)
+    with pytest.raises(Stop):
+        main(["train", "--data", "somewhere", "--schedule", "onecycle"])
+    assert seen["cfg"].schedule == "linear"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "{linear,cosine,constant}" in capsys.readouterr().out

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from conftest import options_argv, write_class_folders
-from resnetlab.data.loader import DeviceLoader
+from resnetlab.data.loader import ArrayLoader
 from resnetlab.data.pipeline import Pipeline
 from resnetlab.models import create_model
 from resnetlab.training import distributed
@@ -167,7 +167,7 @@ def _fit_linear(tmp_path: Path, name: str, batch_size: int, accum_steps: int) ->
     cfg = make_config(TrainConfig, {"batch_size": batch_size, "accum_steps": accum_steps, "epochs": 3, "lr": 0.1,
                                    "weight_decay": 1e-3, "warmup_epochs": 0.0, "label_smoothing": 0.1,
                                    "grad_norm_every": 0, "quiet": True, "out": str(tmp_path / name)})
-    loader = DeviceLoader(x, y, batch_size, shuffle=True, drop_last=True, seed=0)
+    loader = ArrayLoader(x, y, batch_size, shuffle=True, drop_last=True, seed=0)
     prec = pick_precision(torch.device("cpu"), "fp32", False)
     trainer = Trainer(model, _Identity(), loader, None, cfg, tmp_path / name, {}, prec, log=lambda m: None)
     trainer.fit()

@@ -214,12 +214,12 @@ def test_lookahead_math(tmp_path, tiny_data):
 
 def _bare_trainer(tmp_path, data, trainer_cls, arch="resnet20", phases=None):
     from resnetlab.api import build_config, prepare_run
-    from resnetlab.data.loader import DeviceLoader
+    from resnetlab.data.loader import ArrayLoader
     from resnetlab.training.precision import pick_precision
 
     cfg = build_config(None, data=str(data), **tiny_options(tmp_path, epochs=2, lookahead=True))
     cfg, device, prepared, pipeline = prepare_run(cfg, _quiet)
-    loader = DeviceLoader(prepared.train.x, prepared.train.y, cfg.batch_size, shuffle=True, drop_last=True)
+    loader = ArrayLoader(prepared.train.x, prepared.train.y, cfg.batch_size, shuffle=True, drop_last=True)
     prec = pick_precision(device, "fp32", False, 2)
     model = resnetlab.create_model(arch, num_classes=3)
     return trainer_cls(model, pipeline, loader, None, cfg, tmp_path / "bare", {}, prec, phases=phases, log=_quiet)

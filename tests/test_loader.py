@@ -1,4 +1,4 @@
-"""DeviceLoader: seeded epoch order, mid-epoch resume, drop_last, distributed sharding."""
+"""ArrayLoader: seeded epoch order, mid-epoch resume, drop_last, distributed sharding."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from resnetlab.data.loader import DeviceLoader
+from resnetlab.data.loader import ArrayLoader
 
 
 def _data(n: int):
@@ -15,14 +15,14 @@ def _data(n: int):
     return x, np.arange(n) % 3
 
 
-def _loader(n: int = 23, bs: int = 4, **kw) -> DeviceLoader:
+def _loader(n: int = 23, bs: int = 4, **kw) -> ArrayLoader:
     x, y = _data(n)
     kw.setdefault("shuffle", True)
     kw.setdefault("drop_last", False)
-    return DeviceLoader(x, y, bs, **kw)
+    return ArrayLoader(x, y, bs, **kw)
 
 
-def _epoch(loader: DeviceLoader, epoch: int, start: int = 0) -> list[list[int]]:
+def _epoch(loader: ArrayLoader, epoch: int, start: int = 0) -> list[list[int]]:
     """The rows of each batch (sorted inside a batch: the order within a batch does not matter)."""
     out = []
     for xb, yb in loader.epoch(epoch, start):
@@ -101,7 +101,7 @@ def test_distributed_ranks_cover_the_epoch_disjoint_apart_from_padding(n, world)
 def test_bad_batch_size_is_refused():
     x, y = _data(4)
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
-        DeviceLoader(x, y, 0, shuffle=False, drop_last=False)
+        ArrayLoader(x, y, 0, shuffle=False, drop_last=False)
 
 
 def test_on_device_path_gives_the_same_batches():

@@ -486,10 +486,10 @@ def test_time_budget_cuts_a_long_warm_up_to_a_fifth_of_it(tmp_path, tiny_data, m
 def test_lr_follows_the_time_fraction_when_it_is_ahead_of_the_steps():
     from resnetlab.training.optim import lr_at
 
-    assert lr_at(10, 1000, 0, "onecycle", time_fraction=0.5) == pytest.approx(0.5)
-    assert lr_at(900, 1000, 0, "onecycle", time_fraction=0.5) == pytest.approx(0.1)  # the steps are ahead
+    assert lr_at(10, 1000, 0, "linear", time_fraction=0.5) == pytest.approx(0.5)
+    assert lr_at(900, 1000, 0, "linear", time_fraction=0.5) == pytest.approx(0.1)  # the steps are ahead
     assert lr_at(10, 1000, 0, "cosine", time_fraction=1.0) == pytest.approx(0.0)
-    assert lr_at(3, 1000, 10, "onecycle", time_fraction=0.9) == pytest.approx(0.4)  # warm-up first
+    assert lr_at(3, 1000, 10, "linear", time_fraction=0.9) == pytest.approx(0.4)  # warm-up first
 
 
 def test_progressive_resizing_grows_training_images_to_the_full_size(tmp_path, tiny_data, monkeypatch):

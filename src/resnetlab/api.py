@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from resnetlab.data.errors import DataError
-from resnetlab.data.loader import DeviceLoader
+from resnetlab.data.loader import ArrayLoader
 from resnetlab.data.pipeline import Pipeline, build_pipeline
 from resnetlab.data.prepare import PreparedData, channel_stats, decoder_for, prepare_data
 from resnetlab.models import create_model, get_spec
@@ -138,12 +138,12 @@ def prepare_run(cfg: TrainConfig, log=print):
 
 def make_loaders(cfg: TrainConfig, prepared: PreparedData, device: torch.device, rank: int = 0, world: int = 1):
     on_device = device.type == "cuda" and prepared.train.x.nbytes < 4 * 2**30
-    train_loader = DeviceLoader(prepared.train.x, prepared.train.y, cfg.batch_size, shuffle=True, drop_last=True,
+    train_loader = ArrayLoader(prepared.train.x, prepared.train.y, cfg.batch_size, shuffle=True, drop_last=True,
                                 device=device, seed=cfg.seed, on_device=on_device, rank=rank, world_size=world,
                                 workers=cfg.workers)
     val_loader = None
     if prepared.val is not None and len(prepared.val):
-        val_loader = DeviceLoader(prepared.val.x, prepared.val.y, max(cfg.batch_size, 256), shuffle=False,
+        val_loader = ArrayLoader(prepared.val.x, prepared.val.y, max(cfg.batch_size, 256), shuffle=False,
                                   drop_last=False, device=device, on_device=on_device, workers=cfg.workers)
     return train_loader, val_loader
 
@@ -351,7 +351,7 @@ def evaluate(run_or_checkpoint: str | Path, data: str, *, tta: bool | str = Fals
     if prepared.spec.modality != pc["modality"]:
         raise DataError(f"{data} holds {prepared.spec.modality} files but the model was trained on {pc['modality']}")
     arrays = prepared.val if prepared.val is not None and len(prepared.val) else prepared.train
-    loader = DeviceLoader(arrays.x, arrays.y, batch_size, shuffle=False, drop_last=False, device=dev)
+    loader = ArrayLoader(arrays.x, arrays.y, batch_size, shuffle=False, drop_last=False, device=dev)
     prec = inference_precision(dev, meta, getattr(model, "ndim", 2), channels_last=None)
     model = model.to(memory_format=torch.channels_last) if prec.channels_last else model
     t0 = time.perf_counter()

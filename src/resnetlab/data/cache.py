@@ -14,7 +14,7 @@ deleted (remove the folder to reclaim space).
 Builds write into a hidden sibling folder (``.<digest16>.tmp-<pid>-<rand>@<host>``) through
 ``np.lib.format.open_memmap`` (memory stays flat however large the dataset) and ``os.replace`` it into place at
 the end, so a killed build never leaves a half cache under the real name. Temporary folders of builds that are no
-longer running are removed by the next build in the same root.
+longer running are removed by the next build in the same root (``resnetlab.fileio``).
 """
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,10 +34,9 @@ import numpy as np
 from tqdm import tqdm
 
 from resnetlab.data.errors import DataError
+from resnetlab.fileio import remove_stale_temporaries, temporary_sibling
 
 CACHE_FORMAT = 1  # bump when the on-disk layout or the decoding conventions change: old caches are then ignored
-_TMP_MARK = ".tmp-"
-_STALE_AFTER_S = 7 * 24 * 3600  # a temporary folder this old is removed even if its owner cannot be checked
 _COPY_CHUNK_BYTES = 64 << 20
 # Decoding threads help only when decoding dominates. Measured on 2 cores: 5,000 CIFAR-10 JPEGs (~1 KB) cached at
 # 32x32 go 4,800/s with one thread and 3,200-3,700/s with 2-4 (per-file Python overhead holds the GIL), while
@@ -107,8 +104,8 @@ def build_cache(items: Sequence[tuple[str, int]], decode: Callable[[str], np.nda
             raise DataError(f"{path}: {reason}")
         return dataset
     cache_root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(cache_root)
-    tmp = cache_root / f".{final.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+    remove_stale_temporaries(cache_root)
+    tmp = temporary_sibling(final)
     tmp.mkdir()
     if workers is None:  # measured: threads pay off for large files only (see _PARALLEL_MIN_MEAN_BYTES)
         workers = min(4, os.cpu_count() or 1) if total_bytes >= _PARALLEL_MIN_MEAN_BYTES * len(items) else 1
@@ -249,37 +246,10 @@ def _install(tmp: Path, final: Path, digest: str) -> None:
     except OSError:
         if _open(final, digest) is not None:
             return
-    old = final.with_name(f".{final.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}-old@{socket.gethostname()}")
+    old = temporary_sibling(final)
     os.replace(final, old)
     shutil.rmtree(old, ignore_errors=True)
     os.replace(tmp, final)
-
-
-def _remove_stale_tmp(cache_root: Path) -> None:
-    """Remove temporary build folders whose build is over: its process is gone (same host), or a week old."""
-    host, now = socket.gethostname(), time.time()
-    for entry in cache_root.iterdir():
-        if not (entry.name.startswith(".") and _TMP_MARK in entry.name and entry.is_dir()):
-            continue
-        owner = entry.name.split(_TMP_MARK, 1)[1]
-        pid, _, rest = owner.partition("-")
-        try:
-            dead = (os.name == "posix" and rest.rpartition("@")[2] == host and pid.isdigit()
-                    and not _pid_alive(int(pid)))
-            if dead or now - entry.stat().st_mtime > _STALE_AFTER_S:
-                shutil.rmtree(entry, ignore_errors=True)
-        except OSError:
-            continue
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only (POSIX)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _reason(path: str, error: Exception) -> str:

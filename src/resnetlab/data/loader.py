@@ -1,4 +1,5 @@
-"""Device batches: index the memory-mapped cache, move to the device, one batch ahead in a thread.
+"""Batches of a decoded array: index the memory-mapped cache, move each batch to the device, one batch ahead in a
+thread.
 
 The order of an epoch is a pure function of (seed, epoch), so a resumed run sees exactly the batches an
 uninterrupted one would, from any batch index. Under torchrun each rank takes its own slice of that order.
@@ -13,8 +14,11 @@ import numpy as np
 import torch
 
 
-class DeviceLoader:
+class ArrayLoader:
     """Iterate ``(x, y)`` batches on ``device`` over arrays ``x`` (N, ...) and ``y`` (N,).
+
+    The arrays stay where they are (host memory or the memory-mapped cache) and each batch is copied to
+    ``device``; ``on_device`` copies the whole dataset to the device once instead. (Formerly ``DeviceLoader``.)
 
     Args:
         x, y: numpy arrays or memmaps (the decoded cache). Kept on the host unless ``on_device``.

@@ -2,7 +2,7 @@
 
 ``LazyArray`` looks like the cache's array (``len``, ``shape``, ``dtype``, fancy indexing), so the loader, the
 pipeline (with the same batched augmentations on the device) and the report work unchanged; the
-:class:`~resnetlab.data.loader.DeviceLoader` hands batches of a ``LazyArray`` to a ``torch.utils.data.DataLoader``
+:class:`~resnetlab.data.loader.ArrayLoader` hands batches of a ``LazyArray`` to a ``torch.utils.data.DataLoader``
 with worker processes instead of its prefetch thread.
 """
 

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from resnetlab.fileio import atomic_write
+
 FORMATS = ("onnx", "torchscript", "torch-export")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "torch-export": ".pt2"}
 EXPORT_FORMAT = "resnetlab-export/1"
@@ -233,15 +235,14 @@ def _export_onnx(module: nn.Module, x: torch.Tensor, path: Path, info: dict, dyn
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
     proto.producer_name = "resnetlab"
-    _atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)))
+    atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)))
 
 
 def _export_torchscript(module: nn.Module, x: torch.Tensor, path: Path, info: dict) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*deprecated")
         traced = torch.jit.trace(module, (x,), check_trace=False)
-        _atomic_write(path, lambda tmp: torch.jit.save(traced, str(tmp),
-                                                       _extra_files={META_FILE: json.dumps(info)}))
+        atomic_write(path, lambda tmp: torch.jit.save(traced, str(tmp), _extra_files={META_FILE: json.dumps(info)}))
 
 
 def _export_program(module: nn.Module, x: torch.Tensor, path: Path, info: dict, dynamic_batch: bool) -> None:
@@ -249,18 +250,8 @@ def _export_program(module: nn.Module, x: torch.Tensor, path: Path, info: dict, 
         program = torch.export.export(module, (x,), dynamic_shapes=_dynamic_shapes(dynamic_batch))
     with warnings.catch_warnings():  # about constants that share storage (the audio front-end's); harmless on CPU
         warnings.filterwarnings("ignore", message="No complete tensor found")
-        _atomic_write(path, lambda tmp: torch.export.save(program, str(tmp),
-                                                          extra_files={META_FILE: json.dumps(info)}))
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")  # same suffix: torch.export checks it
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        atomic_write(path, lambda tmp: torch.export.save(program, str(tmp), extra_files={META_FILE: json.dumps(info)}),
+                     keep_suffix=True)  # torch.export.save checks the suffix
 
 
 def _require(module: str, purpose: str):

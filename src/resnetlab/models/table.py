@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from resnetlab.fileio import atomic_write
 from resnetlab.models.info import count_macs
 from resnetlab.models.registry import create_model, get_spec, list_models
 
@@ -47,9 +48,7 @@ def model_table(pattern: str | None = None) -> list[dict]:
     if missing:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(list(rows.values())))
-            tmp.replace(path)
+            atomic_write(path, json.dumps(list(rows.values())))
         except OSError:
             pass  # a read-only home still gets the table, just not cached
     return [rows[n] for n in names]

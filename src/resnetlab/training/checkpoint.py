@@ -21,6 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
+from resnetlab.fileio import atomic_write, remove_stale_temporaries, temporary_sibling
+
 FORMAT = "resnetlab-checkpoint/1"
 
 
@@ -72,19 +74,6 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], info: dict) -> dict:
     return {"state": state, "param_groups": info["param_groups"]}
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, *,
                     keep_previous: bool = True) -> Path:
     """Write ``tensors`` and JSON ``meta`` to ``path`` atomically; the old file becomes ``*.prev.safetensors``.
@@ -97,25 +86,18 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: di
     header = {"format": FORMAT, "resnetlab": json.dumps(meta, default=str), "sha256": _digest(tensors),
               "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
     data = st_save(tensors, metadata=header)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    _remove_stale_tmp(path, keep=tmp)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        slow = os.environ.get("RESNETLAB_TEST_SLOW_SAVE")
+    slow = os.environ.get("RESNETLAB_TEST_SLOW_SAVE")
+
+    def before_replace() -> None:
         if slow:  # test hook: a window in which the tests kill the process mid-save
             time.sleep(float(slow))
         if keep_previous and path.exists():
             _keep_previous(path)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+
+    try:
+        atomic_write(path, data, durable=True, before_replace=before_replace)
     except OSError as e:  # disk full, read-only, quota: one line naming the file; the old checkpoint is intact
         raise OSError(e.errno, f"cannot write checkpoint ({e.strerror or e})", str(path)) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -124,37 +106,15 @@ def _keep_previous(path: Path) -> None:
     (a process killed between two renames would otherwise leave only the ``.prev`` copy, which ``read_latest``
     falls back to). Filesystems without hard links get the two renames."""
     prev = previous_path(path)
-    link = prev.with_name(f".{prev.name}.tmp{os.getpid()}")
+    remove_stale_temporaries(prev.parent, prev.name)
+    link = temporary_sibling(prev)
     try:
-        if link.exists():
-            link.unlink()
         os.link(path, link)
         os.replace(link, prev)
     except OSError:
         if link.exists():
             link.unlink()
         os.replace(path, prev)
-
-
-def _remove_stale_tmp(path: Path, keep: Path) -> None:
-    """Temporary files that a killed save of ``path`` left behind (their process is gone)."""
-    for p in path.parent.glob(f".{path.name}.tmp*"):
-        pid = p.name.rsplit(".tmp", 1)[-1]
-        if p != keep and pid.isdigit() and not _pid_alive(int(pid)):
-            try:
-                p.unlink()
-            except OSError:
-                pass
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: an existence check only
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
 
 
 def previous_path(path: Path) -> Path:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from resnetlab.fileio import atomic_write
+
 
 @dataclass(frozen=True)
 class Range:
@@ -47,8 +49,11 @@ PROBABILITY = Range(0, 1)  # [0, 1]
 
 
 def _opt(default, help: str, choices: tuple | None = None, group: str = "training", check: Range | None = None,
-         metavar: str | None = None):
-    meta = {"help": help, "choices": choices, "group": group, "check": check, "metavar": metavar}
+         metavar: str | None = None, aliases: dict | None = None):
+    """A config field. ``aliases`` maps old names of a choice to the current one (read from old configs and
+    command lines, never written)."""
+    meta = {"help": help, "choices": choices, "group": group, "check": check, "metavar": metavar,
+            "aliases": aliases or {}}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -106,7 +111,10 @@ class TrainConfig:
     weight_decay: float | None = _opt(None, "weight decay, not applied to norms and biases "
                                             "(default: 5e-4 SGD and muon's SGD part, 0.05 AdamW; none on Muon's "
                                             "fixed-norm filters)", check=NON_NEGATIVE)
-    schedule: str = _opt("onecycle", "learning-rate schedule after warm-up", ("onecycle", "cosine", "constant"))
+    schedule: str = _opt("linear", "learning-rate schedule after warm-up: linear (decays linearly to 0, as in "
+                                   "airbench and the Hugging Face Trainer), cosine (to 0), constant; onecycle is an "
+                                   "old name of linear", ("linear", "cosine", "constant"),
+                         aliases={"onecycle": "linear"})
     warmup_epochs: float = _opt(1.0, "linear warm-up, in epochs (fractions allowed; at most a quarter of the run)",
                                 check=NON_NEGATIVE)
     label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy", check=FRACTION)
@@ -184,7 +192,9 @@ class TrainConfig:
 
     def __post_init__(self):
         for f in fields(self):
-            _check_allowed(f, getattr(self, f.name))
+            value = _resolve_alias(f, getattr(self, f.name))
+            _check_allowed(f, value)
+            setattr(self, f.name, value)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -283,8 +293,15 @@ def coerce(cls, key: str, value):
             value = str(value)
     except (TypeError, ValueError):
         raise ValueError(f"bad value for {key!r}: {value!r} (expected {getattr(base, '__name__', base)})") from None
+    value = _resolve_alias(f, value)
     _check_allowed(f, value)
     return value
+
+
+def _resolve_alias(f: dataclasses.Field, value):
+    """The current name of a choice given by an old name (``schedule: onecycle`` -> ``linear``)."""
+    aliases = f.metadata.get("aliases") or {}
+    return aliases.get(value, value) if isinstance(value, str) else value
 
 
 def _check_allowed(f: dataclasses.Field, value) -> None:
@@ -352,9 +369,20 @@ def save_config(cfg, path: Path, extra: dict | None = None) -> None:
     data = dataclasses.asdict(cfg)
     if extra:
         data.update(extra)
-    tmp = path.with_name(f".{path.name}.tmp")  # atomic: a run killed while writing keeps its previous config
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(path)
+    atomic_write(path, yaml.safe_dump(data, sort_keys=False))  # a run killed while writing keeps its previous config
+
+
+class _ChoicesWithAliases(tuple):
+    """argparse choices that also accept old names (resolved later by :func:`coerce`) but list only the current
+    ones in ``--help`` and error messages."""
+
+    def __new__(cls, choices: tuple, aliases: dict):
+        self = super().__new__(cls, choices)
+        self.aliases = aliases
+        return self
+
+    def __contains__(self, value) -> bool:
+        return super().__contains__(value) or value in self.aliases
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, skip: tuple[str, ...] = ()) -> None:
@@ -384,4 +412,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, skip:
         if f.metadata.get("choices") and base is str:  # other types are checked after conversion, in coerce
             kwargs["choices"] = f.metadata["choices"]
             kwargs.pop("metavar")
+            if f.metadata.get("aliases"):  # old names are accepted (coerce resolves them) but not listed in --help
+                kwargs["choices"] = _ChoicesWithAliases(f.metadata["choices"], f.metadata["aliases"])
+                kwargs["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
         groups[group].add_argument(opt, **kwargs)

@@ -9,7 +9,7 @@ Who does what in a run of N processes:
 
 - data: every process reads the same decoded cache; the first process of each node builds it while the others
   wait (:func:`main_first`), then they open it;
-- training: each rank takes its slice of the epoch's permutation (``DeviceLoader(rank=, world_size=)``); the
+- training: each rank takes its slice of the epoch's permutation (``ArrayLoader(rank=, world_size=)``); the
   batch size is per process; DDP averages the gradients; loss and accuracy sums are all-reduced, so the
   metrics cover the whole epoch;
 - validation: every rank evaluates the full validation set, with rank 0's buffers (BatchNorm statistics)

@@ -27,8 +27,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from resnetlab.data.loader import DeviceLoader
+from resnetlab.data.loader import ArrayLoader
 from resnetlab.data.pipeline import Pipeline
+from resnetlab.fileio import atomic_write
 from resnetlab.training import checkpoint as ckpt
 from resnetlab.training import distributed
 from resnetlab.training.config import TrainConfig
@@ -90,8 +91,8 @@ class Trainer:
     rank 0) is the process that writes files. ``cfg.accum_steps`` batches make one optimizer step.
     """
 
-    def __init__(self, model: nn.Module, pipeline: Pipeline, train_loader: DeviceLoader,
-                 val_loader: DeviceLoader | None, cfg: TrainConfig, run_dir: str | Path, meta: dict,
+    def __init__(self, model: nn.Module, pipeline: Pipeline, train_loader: ArrayLoader,
+                 val_loader: ArrayLoader | None, cfg: TrainConfig, run_dir: str | Path, meta: dict,
                  prec: Precision, *, phases: list[Phase] | None = None, log=print, is_main: bool | None = None):
         self.model = model.to(prec.device)
         if prec.channels_last:
@@ -307,7 +308,7 @@ class Trainer:
         norms = self.run_dir / "grad_norms.jsonl"
         if norms.exists() and self.is_main:  # drop records of steps that the resumed run will redo
             kept = [ln for ln in norms.read_text().splitlines() if 0 <= _step_of(ln) < self.step]
-            _write_atomic(norms, "".join(ln + "\n" for ln in kept))
+            atomic_write(norms, "".join(ln + "\n" for ln in kept))
         self._saved_step, self._last_saved = self.step, self._position()
         self.log(f"resumed from {used} at epoch {self.epoch + 1}, batch {self.batch_in_epoch}")
         return True
@@ -624,7 +625,7 @@ class Trainer:
 
     def _write_metrics(self) -> None:
         """metrics.jsonl from the checkpointed history, so a resumed run never duplicates or loses a line."""
-        _write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+        atomic_write(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
 
 
 def _takes_sample_index(pipeline: Pipeline) -> bool:
@@ -653,9 +654,3 @@ def _step_of(line: str) -> int:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
         return -1
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

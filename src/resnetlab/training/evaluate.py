@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from resnetlab.data.loader import DeviceLoader
+from resnetlab.data.loader import ArrayLoader
 from resnetlab.data.pipeline import Pipeline
 from resnetlab.training.precision import Precision
 
@@ -56,7 +56,7 @@ def _tta_views(x: torch.Tensor, mode: str) -> list[tuple[torch.Tensor, float]]:
 
 
 @torch.no_grad()
-def predict_loader(model: torch.nn.Module, pipeline: Pipeline, loader: DeviceLoader, prec: Precision,
+def predict_loader(model: torch.nn.Module, pipeline: Pipeline, loader: ArrayLoader, prec: Precision,
                    tta: bool | str | None = False) -> Predictions:
     """Logits for every sample of ``loader`` (in eval mode, no augmentation). ``tta``: ``"flip"`` (or ``True``)
     averages the probabilities with those of the mirrored input, ``"flip-shift"`` also with 1-pixel shifts."""

@@ -202,8 +202,9 @@ class Muon(torch.optim.Optimizer):
 def lr_at(step: int, total_steps: int, warmup_steps: int, schedule: str, time_fraction: float | None = None) -> float:
     """Learning-rate factor in [0, 1] at ``step`` (0-based): linear warm-up, then the schedule.
 
-    ``cosine`` decays to 0 by the last step; ``onecycle`` decays linearly to 0 (the shape that trains
-    fastest in short budgets, as in airbench); ``constant`` stays at 1. ``time_fraction`` (a time budget's
+    ``cosine`` decays to 0 by the last step; ``linear`` decays linearly to 0 (the shape that trains
+    fastest in short budgets, as in airbench; the Hugging Face Trainer's ``linear``); ``constant`` stays at 1.
+    (The config reads ``onecycle``, this schedule's old name, as ``linear``.) ``time_fraction`` (a time budget's
     share spent since the warm-up, in [0, 1]) moves the decay on when time runs out before the steps do.
     """
     if warmup_steps > 0 and step < warmup_steps:
@@ -214,9 +215,9 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, schedule: str, time_fr
     t = min(max((step - warmup_steps) / span, time_fraction or 0.0, 0.0), 1.0)
     if schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * t))
-    if schedule == "onecycle":
+    if schedule == "linear":
         return max(1.0 - t, 0.0)
-    raise ValueError(f"unknown schedule {schedule!r}; allowed: onecycle, cosine, constant")
+    raise ValueError(f"unknown schedule {schedule!r}; allowed: linear, cosine, constant")
 
 
 def set_lr(opt: torch.optim.Optimizer, base_lr: float, factor: float) -> float:
