@@ -14,25 +14,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
+import tiny_fit
 from conftest import options_argv, write_class_folders
-from resnetlab.data.loader import ArrayLoader
-from resnetlab.data.pipeline import Pipeline
 from resnetlab.models import create_model
 from resnetlab.training import distributed
 from resnetlab.training.checkpoint import read_checkpoint, strip_prefix
-from resnetlab.training.config import TrainConfig, make_config
-from resnetlab.training.engine import Trainer
-from resnetlab.training.precision import pick_precision
-
-# Val accuracy both runs must reach on the easy task (4 classes, 6 val images each). Measured on this machine over
-# seeds 0-2: 1.00 for the single process and 1.00 for 2 processes, every time; 0.9 leaves room for one or two
-# borderline images either way without letting a run that did not learn (chance: 0.25) pass.
-EASY_TASK_MIN_ACC = 0.9
 
 
 def _env(tmp_path: Path) -> dict:
@@ -71,37 +62,26 @@ def easy_data(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(tmp_path, easy_data):
-    """The same global batch (2 x 4 vs 1 x 8), the same steps: both learn the easy task; rank 0 alone writes."""
-    env, cache = _env(tmp_path), tmp_path / "cache"
-    t0 = time.perf_counter()
-    one = subprocess.run([sys.executable, "-m", "resnetlab", *_train_args(easy_data, tmp_path / "one", cache,
-                                                                          batch_size=8)],
-                         env=env, capture_output=True, text=True, timeout=600)
-    t1 = time.perf_counter()
-    two = subprocess.run(_torchrun(2, _train_args(easy_data, tmp_path / "runs" / "two", cache, batch_size=4)),
-                         env=env, capture_output=True, text=True, timeout=600)
-    t2 = time.perf_counter()
-    assert one.returncode == 0, one.stderr[-3000:]
+def test_two_processes_of_4_end_with_the_weights_of_one_process_of_8(tmp_path):
+    """DDP, 2 processes x batch 4, against 1 process x batch 8: the same global batches (rank r takes every other
+    sample of the epoch's permutation), a model without batch statistics, fp32: after 18 optimizer steps the
+    weights agree within 1e-5 only if the gradients were averaged over the ranks (summed, or left per rank, they
+    drift apart by far more). Rank 0 alone writes the run directory."""
+    one = tiny_fit.fit(tmp_path / "one", batch_size=8)
+    run = tmp_path / "two"
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(Path(tiny_fit.__file__)), str(run), "4"],
+                         env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
-    print(f"1 process: {t1 - t0:.1f} s, 2 processes: {t2 - t1:.1f} s (wall, with start-up)")
-
-    run = tmp_path / "runs" / "two"
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["two"]  # no second run directory
-    assert len(list(run.rglob("metrics.jsonl"))) == 1
-    records = _metrics(run)
-    assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5, 6]  # one line per epoch: one writer
-    # rank 0 speaks for all: the epoch lines appear once in the combined output
-    assert (two.stdout + two.stderr).count("epoch 6/6:") == 1
-    _loads_into_a_plain_model(run / "checkpoints" / "best.safetensors")
-    _loads_into_a_plain_model(run / "checkpoints" / "last.safetensors")
+    weights = load_file(str(run / "weights.safetensors"))
+    assert weights.keys() == one.keys()
+    for k in one:
+        torch.testing.assert_close(weights[k], one[k], rtol=0, atol=1e-5)
+    moved = max(float((one[k] - tiny_fit.tiny_model().state_dict()[k]).abs().max()) for k in one)
+    assert moved > 1e-2  # the runs trained: equal weights are not two untouched initialisations
+    assert [r["epoch"] for r in _metrics(run)] == [1, 2, 3]  # one writer: each epoch's line once
     tensors, meta = read_checkpoint(run / "checkpoints" / "last.safetensors")
     assert meta["world_size"] == 2 and "rng.rank1.aug" in tensors and "rng.aug" in tensors
-    acc_one, acc_two = _metrics(tmp_path / "one")[-1]["val_acc"], records[-1]["val_acc"]
-    train_s = [sum(r["seconds"] for r in _metrics(r)) for r in (tmp_path / "one", run)]
-    print(f"final val accuracy: 1 process {acc_one:.3f}, 2 processes {acc_two:.3f}; training time (sum of epochs) "
-          f"{train_s[0]:.1f} s vs {train_s[1]:.1f} s")
-    assert acc_one >= EASY_TASK_MIN_ACC and acc_two >= EASY_TASK_MIN_ACC
 
 
 @pytest.mark.slow
@@ -132,7 +112,7 @@ def test_sigterm_stops_every_rank_at_one_step_then_resume_finishes(tmp_path, eas
     resumed = subprocess.run(_torchrun(2, ["train", "--out", str(run), "--resume", "--quiet"]), env=env,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout
+    assert resumed.stdout.count("resumed from") == 1  # rank 0 speaks for all
     assert [r["epoch"] for r in _metrics(run)] == list(range(1, 9))
     steps = [json.loads(ln)["step"] for ln in norms.read_text().splitlines()]
     assert steps == sorted(set(steps))  # no record lost or repeated by the resume
@@ -142,47 +122,15 @@ def test_sigterm_stops_every_rank_at_one_step_then_resume_finishes(tmp_path, eas
 # --- gradient accumulation, in-process -----------------------------------------------------------------------
 
 
-class _Identity(Pipeline):
-    """uint8 images to floats; no augmentation, so two runs see exactly the same inputs."""
-
-    modality = "image"
-    num_classes = 3
-
-    def __call__(self, x, y, train, generator=None):  # the signature from before index and epoch existed
-        return x.float() / 255.0, y
-
-    def input_size(self):
-        return (1, 4, 4)
-
-    def config(self):
-        return {"modality": "image"}
-
-
-def _fit_linear(tmp_path: Path, name: str, batch_size: int, accum_steps: int) -> dict[str, torch.Tensor]:
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, size=(48, 1, 4, 4), dtype=np.uint8)
-    y = rng.integers(0, 3, size=48)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))  # no BatchNorm: batch statistics would differ
-    cfg = make_config(TrainConfig, {"batch_size": batch_size, "accum_steps": accum_steps, "epochs": 3, "lr": 0.1,
-                                   "weight_decay": 1e-3, "warmup_epochs": 0.0, "label_smoothing": 0.1,
-                                   "grad_norm_every": 0, "quiet": True, "out": str(tmp_path / name)})
-    loader = ArrayLoader(x, y, batch_size, shuffle=True, drop_last=True, seed=0)
-    prec = pick_precision(torch.device("cpu"), "fp32", False)
-    trainer = Trainer(model, _Identity(), loader, None, cfg, tmp_path / name, {}, prec, log=lambda m: None)
-    trainer.fit()
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
 def test_accumulating_two_batches_of_4_steps_like_one_batch_of_8(tmp_path):
     """The mean loss over 8 samples has the gradient of the mean of two 4-sample means: same weights, up to
     float rounding (same order of samples, same number of optimizer steps, weight decay once per step)."""
-    big = _fit_linear(tmp_path, "big", batch_size=8, accum_steps=1)
-    accumulated = _fit_linear(tmp_path, "acc", batch_size=4, accum_steps=2)
-    plain = _fit_linear(tmp_path, "plain", batch_size=4, accum_steps=1)
+    big = tiny_fit.fit(tmp_path / "big", batch_size=8, accum_steps=1)
+    accumulated = tiny_fit.fit(tmp_path / "acc", batch_size=4, accum_steps=2)
+    plain = tiny_fit.fit(tmp_path / "plain", batch_size=4, accum_steps=1)
     for k in big:
         torch.testing.assert_close(accumulated[k], big[k], rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(plain["1.weight"], big["1.weight"], atol=1e-4)  # the test can tell them apart
+    assert not torch.allclose(plain["3.weight"], big["3.weight"], atol=1e-4)  # the test can tell them apart
 
 
 # --- without torchrun: every helper is a no-op ---------------------------------------------------------------

@@ -1,0 +1,76 @@
+"""A tiny deterministic fit through the real ``Trainer``: fixed data, a BatchNorm-free fp32 model, no augmentation.
+
+Used in-process by the gradient-accumulation test, and as a script under torchrun by the data-parallel test
+(``python -m torch.distributed.run --nproc-per-node 2 tests/tiny_fit.py OUT BATCH``): each rank trains its shard
+through DistributedDataParallel and rank 0 writes the run directory and ``OUT/weights.safetensors``.
+With no BatchNorm nothing depends on how a global batch is split, so 2 processes x batch 4 and 1 process x
+batch 8 must end with the same weights, up to float rounding, if and only if DDP averages the gradients.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from resnetlab.data.loader import ArrayLoader
+from resnetlab.data.pipeline import Pipeline
+from resnetlab.training import distributed
+from resnetlab.training.config import TrainConfig, make_config
+from resnetlab.training.engine import Trainer
+from resnetlab.training.precision import pick_precision
+
+
+class Identity(Pipeline):
+    """uint8 images to floats; no augmentation, so two runs see exactly the same inputs."""
+
+    modality = "image"
+    num_classes = 3
+
+    def __call__(self, x, y, train, generator=None):  # the signature from before index and epoch existed
+        return x.float() / 255.0, y
+
+    def input_size(self):
+        return (1, 4, 4)
+
+    def config(self):
+        return {"modality": "image"}
+
+
+def tiny_model() -> nn.Module:
+    """A convolution, a ReLU and a linear head: no batch statistics, so the split of a batch does not matter."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+
+
+def fit(out: Path, batch_size: int, accum_steps: int = 1, epochs: int = 3) -> dict[str, torch.Tensor]:
+    """Train ``tiny_model`` on 48 fixed samples (per-process ``batch_size``; this rank's shard under torchrun);
+    return its final weights. Every rank returns its own copy (DDP keeps them equal)."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(48, 1, 4, 4), dtype=np.uint8)
+    y = rng.integers(0, 3, size=48)
+    model = tiny_model()
+    cfg = make_config(TrainConfig, {"batch_size": batch_size, "accum_steps": accum_steps, "epochs": epochs,
+                                   "lr": 0.1, "weight_decay": 1e-3, "warmup_epochs": 0.0, "label_smoothing": 0.1,
+                                   "grad_norm_every": 0, "quiet": True, "out": str(out)})
+    loader = ArrayLoader(x, y, batch_size, shuffle=True, drop_last=True, seed=0, rank=distributed.rank(),
+                          world_size=distributed.world_size())
+    prec = pick_precision(torch.device("cpu"), "fp32", False)
+    trainer = Trainer(model, Identity(), loader, None, cfg, out, {}, prec, log=lambda m: None)
+    trainer.fit()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+if __name__ == "__main__":  # under torchrun: OUT BATCH
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(1)
+    distributed.setup(torch.device("cpu"))
+    out_dir, batch = Path(sys.argv[1]), int(sys.argv[2])
+    weights = fit(out_dir, batch)
+    if distributed.is_main():
+        save_file(weights, str(out_dir / "weights.safetensors"))
+    distributed.teardown()
