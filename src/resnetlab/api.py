@@ -115,6 +115,8 @@ def prepare_run(cfg: TrainConfig, log=print):
         raise ValueError("no data: pass --data PATH (a folder, a CSV manifest, or builtin:digits)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:  # cuBLAS reads its workspace size once, at its first use: before anything touches CUDA
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # (the audio front-end's matmul, say)
     device = distributed.setup(pick_device(cfg.device))  # under torchrun: join the group, take this rank's GPU
     log = distributed.main_only(log)
     torch.manual_seed(cfg.seed)
@@ -161,17 +163,18 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, prepared: PreparedDat
         save_config(cfg, run_dir / "config.yaml", {"code_version": code_version()})
     prec = pick_precision(device, cfg.precision, cfg.channels_last, getattr(model, "ndim", 2))
     was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_benchmark = torch.backends.cudnn.benchmark
     if cfg.deterministic:
-        if device.type == "cuda":  # cuBLAS needs a fixed workspace to be deterministic; cuDNN must not autotune
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True)  # (CUBLAS_WORKSPACE_CONFIG was set by prepare_run)
+    if device.type == "cuda":  # cuDNN autotunes each convolution shape once, unless that would be nondeterministic
+        torch.backends.cudnn.benchmark = not cfg.deterministic
     try:
         result = _fit_and_report(cfg, model, prepared, pipeline, device, meta, prec, run_dir, phases, log)
         distributed.teardown()
         return result
-    finally:  # a process-wide switch: later runs in this process (tests, notebooks) get back what they had
+    finally:  # process-wide switches: later runs in this process (tests, notebooks) get back what they had
         torch.use_deterministic_algorithms(was_deterministic)
+        torch.backends.cudnn.benchmark = was_benchmark
 
 
 def _optimizer_line(cfg) -> str:

@@ -211,7 +211,7 @@ def resample(wave: torch.Tensor | np.ndarray, orig_sr: int | float | Fraction,
         y = np.einsum("bwk,pk->bwp", windows, kernel[:, 0].numpy().astype(wave.dtype))  # (B, blocks, new)
         return y.reshape(y.shape[0], -1)[:, :out_len].reshape(*shape[:-1], out_len)
     x = F.pad(wave.reshape(-1, 1, length), (width, width + orig))
-    y = F.conv1d(x, kernel.to(device=wave.device, dtype=wave.dtype), stride=orig)  # (B, new, blocks)
+    y = F.conv1d(x, _device_kernel(orig, new, width, wave.device, wave.dtype), stride=orig)  # (B, new, blocks)
     return y.transpose(1, 2).reshape(-1, y.shape[1] * y.shape[2])[:, :out_len].reshape(*shape[:-1], out_len)
 
 
@@ -241,6 +241,13 @@ def _sinc_kernel(dt: torch.Tensor, orig: int, new: int) -> torch.Tensor:
     window = torch.special.i0(KAISER_BETA * torch.sqrt((1 - (t / LOWPASS_WIDTH) ** 2).clamp_min(0)))
     window = window / torch.special.i0(torch.tensor(KAISER_BETA, dtype=torch.float64))
     return torch.sinc(t) * window * (base / orig)  # torch.sinc(t) = sin(pi t) / (pi t); zero at |t| = width
+
+
+@lru_cache(maxsize=32)
+def _device_kernel(orig: int, new: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`_polyphase_kernel` on ``device`` in ``dtype``, kept there: speed perturbation resamples every batch,
+    and a host-to-device copy of the kernel each time would wait on the GPU."""
+    return _polyphase_kernel(orig, new, width).to(device=device, dtype=dtype)
 
 
 @lru_cache(maxsize=32)

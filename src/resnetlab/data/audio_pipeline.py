@@ -194,6 +194,11 @@ class AudioPipeline(Pipeline):
                                                    2 * self.num_samples).to(self._device())
         return self._noise_bank
 
+    @property
+    def device(self) -> torch.device:
+        """Where the front-end's buffers are, and so where batches are featurised (the run report reads it)."""
+        return self._device()
+
     def __repr__(self) -> str:
         size = "x".join(str(s) for s in self.input_size())
         return (f"AudioPipeline({self.features} {self.num_features} @ {self.sample_rate} Hz, "

@@ -14,7 +14,10 @@ import torch.nn.functional as F
 
 
 def _rand(n: int, generator: torch.Generator | None, device) -> torch.Tensor:
-    return torch.rand(n, generator=generator, device=device)
+    """Uniform [0, 1) on ``device``, drawn on the generator's device (a CPU generator with a CUDA batch: ``torch.rand``
+    refuses a generator of another device type), as ``audio_augment._rand`` does."""
+    src = generator.device if generator is not None else device
+    return torch.rand(n, generator=generator, device=src).to(device, non_blocking=True)
 
 
 def random_crop(x: torch.Tensor, pad: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from resnetlab.models.layers import GlobalMaxPool
 from resnetlab.models.resnet import ClassifierBase
 
 ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU}
@@ -107,7 +108,8 @@ class FastResNet(ClassifierBase):
             inplanes = int(width)
         self.num_features = inplanes
         self._init_head(num_classes, drop_rate, head_hidden)
-        self.avgpool = nn.AdaptiveMaxPool2d(1)  # (the name every resnetlab head uses for its global pool)
+        # (the name every resnetlab head uses for its global pool); amax: a deterministic backward on CUDA
+        self.avgpool = GlobalMaxPool()
 
     @torch.no_grad()
     def init_from_data(self, x: torch.Tensor, eps: float = 5e-4) -> None:

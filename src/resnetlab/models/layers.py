@@ -36,6 +36,18 @@ def norm(ndim: int, channels: int, *, affine: bool = True) -> nn.Module:
     return _NORM[ndim](channels, affine=affine)
 
 
+class GlobalMaxPool(nn.Module):
+    """The maximum over every spatial position, keeping them as size-1 dims: ``AdaptiveMaxPool{1,2}d(1)``'s output.
+
+    Written as ``amax`` because its backward is a deterministic elementwise mask (gradient shared among tied
+    maxima), whereas ``AdaptiveMaxPool2d``'s CUDA backward scatters with atomics and refuses to run under
+    ``torch.use_deterministic_algorithms`` (``--deterministic``).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.amax(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
 def max_pool(ndim: int, kernel_size: int = 3, stride: int = 2, padding: int = 1) -> nn.Module:
     _check_ndim(ndim)
     return _MAXPOOL[ndim](kernel_size, stride=stride, padding=padding)

@@ -116,7 +116,7 @@ def write_spectrogram_examples(out: Path, x: np.ndarray, targets: np.ndarray, in
     rows = [first[c] for c in labels]
     waves = torch.from_numpy(np.asarray(x[np.sort(rows)]))[np.argsort(np.argsort(rows))]
     with torch.no_grad():
-        feats = pipeline.features_only(waves.to(getattr(pipeline, "device", "cpu")))
+        feats = pipeline.features_only(waves.to(pipeline.device))
     feats = feats.float().cpu().numpy()
     if feats.ndim == 4:
         feats = feats[:, 0]

@@ -31,6 +31,12 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+def cuda_has_bf16() -> bool:
+    """Native bf16 on the current CUDA device (Ampere, compute capability 8.0, and later). Without
+    ``including_emulation=False`` torch says yes on older GPUs too, where bf16 is emulated and slower than fp16."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 @dataclass
 class Precision:
     device: torch.device
@@ -59,7 +65,7 @@ def pick_precision(device: torch.device, precision: str = "auto", channels_last:
     """Resolve ``auto`` choices for this device. ``ndim`` is the model's (channels-last applies to 2-D only)."""
     if precision == "auto":
         if device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            dtype = torch.bfloat16 if cuda_has_bf16() else torch.float16
         else:
             dtype = torch.bfloat16 if cpu_has_bf16() else None
     elif precision == "fp32":
