@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import struct
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import soundfile as sf
 import torch
 
+import hostile_files
 from resnetlab.data import audio
 from resnetlab.data.audio import decode_audio, default_duration, probe_audio, read_audio, resample
 from resnetlab.data.errors import DataError
@@ -228,6 +230,58 @@ def test_a_recording_longer_than_the_limit_is_refused(tmp_path, monkeypatch):
         read_audio(path)
     sf.write(path, np.zeros((500, 2), dtype=np.float32), 8000)  # exactly the limit: read whole
     assert read_audio(path)[0].shape == (500,)
+
+
+@pytest.mark.timeout(30)  # before the fix the 600 MHz file never returned
+@pytest.mark.parametrize("rate", [600_000_000, 768_001, 999, 1])
+def test_a_sample_rate_outside_the_sane_range_is_refused_from_the_header(tmp_path, rate):
+    """The issue's repro: 600 MHz spun the ratio search forever; 1 Hz asked for 16,000 samples per sample."""
+    path = tmp_path / "forged.wav"
+    path.write_bytes(hostile_files.wav(rate, frames=1000))
+    with pytest.raises(DataError, match=f"sample rate of {rate:,} Hz, outside 1,000..768,000 Hz") as info:
+        decode_audio(path, 16000, 16000)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    flac = tmp_path / "forged.flac"
+    if rate < 2**20:  # FLAC's rate field has 20 bits
+        flac.write_bytes(hostile_files.flac(declared_rate=rate))
+        with pytest.raises(DataError, match="outside 1,000..768,000 Hz"):
+            decode_audio(flac, 16000, 16000)
+
+
+@pytest.mark.parametrize("rate", [1000, 768_000])
+def test_the_ends_of_the_rate_range_still_decode(tmp_path, rate):
+    path = tmp_path / "edge.wav"
+    path.write_bytes(hostile_files.wav(rate, frames=rate // 10))
+    assert decode_audio(path, 16000, 1600).shape == (1600,)
+
+
+def test_a_resampled_length_past_the_limit_is_refused_before_reading(tmp_path, monkeypatch):
+    monkeypatch.setattr(audio, "MAX_RESAMPLED_VALUES", 10_000)
+    path = write(tmp_path / "slow.wav", tone(100.0, 1000, 1.0), 1000)  # 1,000 frames -> 16,000 at 16 kHz
+    read = []
+    with monkeypatch.context() as m, pytest.raises(DataError, match="1,000 frames at 1,000 Hz resample to 16,000 "
+                                                                    "samples at 16,000 Hz, more than 10,000") as info:
+        m.setattr(sf.SoundFile, "read", lambda *a, **k: read.append(1))
+        decode_audio(path, 16000, 16000)
+    assert str(path) in str(info.value) and not read
+    assert read_audio(path)[0].shape == (1000,)  # at its own rate it is fine
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("orig,new", [(600_000_000, 16000), (37_500, 1), (31_400, 1), (2**40 + 1, 3)])
+def test_the_ratio_search_ends_for_any_ratio(orig, new):
+    """Ratios whose filter cannot fit even as a whole number raise at once; before, the search looped forever."""
+    with pytest.raises(ValueError, match="cannot resample by a ratio"):
+        audio._fitting_ratio(Fraction(orig, new))
+    with pytest.raises(ValueError, match="cannot resample"):
+        resample(np.zeros(10, np.float32), orig, new)
+
+
+@pytest.mark.parametrize("orig,new", [(44101, 16000), (31_000, 1), (768_000, 16000), (1000, 16000), (123457, 1000)])
+def test_the_ratio_search_finds_a_fitting_kernel(orig, new):
+    o, n = audio._fitting_ratio(Fraction(orig, new))
+    assert audio._kernel_size(o, n) <= audio._MAX_POLYPHASE_KERNEL
+    assert abs(o / n - orig / new) / (orig / new) < 1e-3
 
 
 def test_bad_arguments():

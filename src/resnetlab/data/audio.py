@@ -59,6 +59,14 @@ def _check_extension(path: Path) -> None:
 
 
 MAX_AUDIO_VALUES = 2**27  # samples (frames x channels) one file may hold: 512 MiB as float32, 47 min of 48 kHz mono
+# Declared sample rates outside this range are refused from the header: no recorder writes them, and a forged one
+# makes the resampler blow up (1 Hz -> 16 kHz writes 16,000 samples per input sample: 6 GB from a 100 KB file) or,
+# before the ratio search was bounded, spin forever (600 MHz -> 16 kHz).
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1_000, 768_000
+MAX_RESAMPLED_VALUES = MAX_AUDIO_VALUES  # samples a resampled clip may have (the resampler's output is float32)
+# Bump when decoding changes what a file decodes to (resampler, mixdown, rounding): part of the cache key, so caches
+# built by an older decoder are not reused (data/prepare.py adds it with the decoding libraries' versions).
+DECODER_VERSION = 1
 
 
 def _open_error(path: Path, err: Exception) -> DataError:
@@ -76,7 +84,9 @@ def read_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple
     Raises ``DataError`` for: an extension other than .wav/.flac/.ogg or content that is not WAV/FLAC/OGG, a
     missing or zero-byte file, a header or stream libsndfile cannot parse (random bytes, text, a cut-off header,
     a truncated FLAC/OGG stream), a WAV whose data chunk is shorter than its header declares, a clip with no
-    frames, and NaN or infinite samples (float WAVs). An all-silent clip is valid.
+    frames, and NaN or infinite samples (float WAVs). An all-silent clip is valid. From the header, before any
+    sample is read: a declared rate outside ``MIN_SAMPLE_RATE..MAX_SAMPLE_RATE``, more than ``MAX_AUDIO_VALUES``
+    samples, or more than ``MAX_RESAMPLED_VALUES`` samples once resampled to ``sample_rate``.
     """
     path = Path(path)
     _check_extension(path)
@@ -100,10 +110,14 @@ def read_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple
                                     f"the file holds {m.group(2)}")
             # refused before reading: a damaged header can declare billions of frames (a 40-byte FLAC that would
             # allocate 32 GiB), and so can a recording far too long to be one sample
+            _check_rate(path, native_rate)
+            known_length = 0 < declared_frames < 2**62
             values = declared_frames * f.channels
-            if 0 < declared_frames < 2**62 and values > MAX_AUDIO_VALUES:
+            if known_length and values > MAX_AUDIO_VALUES:
                 raise DataError(f"{path}: header declares {declared_frames:,} frames x {f.channels} channels, more "
                                 f"than {MAX_AUDIO_VALUES:,} samples; a damaged file, or a recording to cut into clips")
+            if known_length and sample_rate is not None:
+                _check_resampled_length(path, declared_frames, native_rate, sample_rate)
             data = f.read(frames=MAX_AUDIO_VALUES // max(f.channels, 1) + 1, dtype="float32", always_2d=True)
             if data.size > MAX_AUDIO_VALUES:  # a stream of unknown length that turned out too long
                 raise DataError(f"{path}: more than {MAX_AUDIO_VALUES:,} samples; cut the recording into clips")
@@ -111,8 +125,6 @@ def read_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple
         raise
     except (RuntimeError, ValueError, OSError, EOFError) as err:  # soundfile.LibsndfileError is a RuntimeError
         raise _open_error(path, err) from None
-    if native_rate <= 0:
-        raise DataError(f"{path}: invalid sample rate {native_rate} in header")
     if data.shape[0] == 0:
         raise DataError(f"{path}: zero-length clip (no audio frames)")
     if 0 < declared_frames < 2**62 and data.shape[0] < declared_frames:
@@ -122,8 +134,22 @@ def read_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple
     wave = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
     wave = np.ascontiguousarray(wave)
     if sample_rate is not None and sample_rate != native_rate:
+        _check_resampled_length(path, len(wave), native_rate, sample_rate)  # a stream whose length was not declared
         return resample(wave, native_rate, sample_rate), sample_rate
     return wave, native_rate
+
+
+def _check_rate(path: Path, rate: int) -> None:
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise DataError(f"{path}: header declares a sample rate of {rate:,} Hz, outside {MIN_SAMPLE_RATE:,}.."
+                        f"{MAX_SAMPLE_RATE:,} Hz; a damaged or forged file")
+
+
+def _check_resampled_length(path: Path, frames: int, native_rate: int, sample_rate: int) -> None:
+    out = -(-frames * sample_rate // native_rate)
+    if out > MAX_RESAMPLED_VALUES:
+        raise DataError(f"{path}: {frames:,} frames at {native_rate:,} Hz resample to {out:,} samples at "
+                        f"{sample_rate:,} Hz, more than {MAX_RESAMPLED_VALUES:,}; cut the recording into clips")
 
 
 def decode_audio(path: str | os.PathLike, sample_rate: int, num_samples: int) -> np.ndarray:
@@ -190,7 +216,8 @@ def resample(wave: torch.Tensor | np.ndarray, orig_sr: int | float | Fraction,
     limited to a denominator of 1000). A ratio that does not reduce to a small fraction (44101 -> 16000) would
     need a polyphase kernel of hundreds of millions of taps; it is replaced by a close fraction whose kernel fits
     in 4M taps. Measured over every integer rate from 4 to 192 kHz into 16 kHz, that changes the rate by 0.3 ppm
-    at the median and 0.05% at worst (15992 Hz is treated as 16000 Hz): under one cent of pitch.
+    at the median and 0.05% at worst (15992 Hz is treated as 16000 Hz): under one cent of pitch. A ratio too
+    extreme for any such fraction (downsampling by about 31,000x or more) raises ``ValueError``.
     """
     ratio = Fraction(orig_sr).limit_denominator(1000) / Fraction(new_sr).limit_denominator(1000)
     if ratio <= 0:
@@ -220,10 +247,17 @@ def _kernel_size(orig: int, new: int) -> int:
 
 
 def _fitting_ratio(ratio: Fraction) -> tuple[int, int]:
-    """``(orig, new)`` of ``ratio``, or of the closest fraction whose polyphase kernel fits _MAX_POLYPHASE_KERNEL."""
-    limit = ratio.denominator
-    approx = ratio
+    """``(orig, new)`` of ``ratio``, or of the closest fraction whose polyphase kernel fits _MAX_POLYPHASE_KERNEL.
+
+    The denominator limit at least halves on every pass, so there are at most log2(denominator) + 1 passes. A
+    ratio that fits with no denominator, not even 1 (downsampling by about 31,000x or more), raises ``ValueError``.
+    """
+    approx, limit = ratio, ratio.denominator
     while _kernel_size(approx.numerator, approx.denominator) > _MAX_POLYPHASE_KERNEL:
+        if limit <= 1:
+            raise ValueError(f"cannot resample by a ratio of {float(ratio):.6g}: even the nearest whole ratio needs a "
+                             f"filter of {_kernel_size(approx.numerator, approx.denominator):,} taps, more than "
+                             f"{_MAX_POLYPHASE_KERNEL:,}")
         limit = min(limit, approx.denominator) // 2
         approx = ratio.limit_denominator(max(limit, 1))
     return approx.numerator, approx.denominator
@@ -280,8 +314,9 @@ def probe_audio(paths: Sequence[str | os.PathLike], max_files: int = 200) -> dic
         try:
             _check_extension(Path(p))
             info = sf.info(str(p))
-            if info.samplerate <= 0 or info.frames <= 0:
+            if info.frames <= 0:
                 raise DataError(f"{p}: zero-length clip or invalid header")
+            _check_rate(Path(p), info.samplerate)
         except (DataError, RuntimeError, ValueError, OSError) as err:
             first_error = first_error or err
             continue
