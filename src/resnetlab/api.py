@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import torch
 
 from resnetlab.data.errors import DataError
 from resnetlab.data.loader import ArrayLoader
-from resnetlab.data.pipeline import Pipeline, build_pipeline
+from resnetlab.data.pipeline import Pipeline
 from resnetlab.data.prepare import PreparedData, channel_stats, decoder_for, prepare_data
 from resnetlab.models import create_model, get_spec
 from resnetlab.training import checkpoint as ckpt
@@ -32,6 +31,7 @@ from resnetlab.training.defaults import resolve
 from resnetlab.training.engine import Phase, Trainer
 from resnetlab.training.evaluate import predict_loader
 from resnetlab.training.precision import pick_device, pick_precision
+from resnetlab.training.run_dir import code_version, inference_precision, load_model
 
 
 @dataclass
@@ -44,22 +44,6 @@ class TrainResult:
     interrupted: bool
     config: TrainConfig
     report: Path | None = None
-
-
-def code_version() -> dict:
-    """The package version and, in a git checkout, the commit (saved beside every checkpoint)."""
-    from resnetlab import __version__
-
-    info = {"resnetlab": __version__, "torch": str(torch.__version__)}
-    try:
-        root = Path(__file__).resolve().parents[2]
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=5)
-        if commit.returncode == 0:
-            info["git"] = commit.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
 
 
 def build_config(config: str | Path | dict | TrainConfig | None = None, **options) -> TrainConfig:
@@ -300,31 +284,6 @@ def train(data: str | None = None, *, config: str | Path | dict | TrainConfig | 
     log(f"best val accuracy {result.best_acc:.4f} at epoch {result.best_epoch}; "
         f"{result.seconds:.1f} s; report: {result.report}")
     return result
-
-
-def load_model(run_or_checkpoint: str | Path, *, device: str = "cpu", which: str = "best"):
-    """``(model, pipeline, meta)`` from a run directory or a checkpoint file, ready for inference (eval mode)."""
-    path = ckpt.find_checkpoint(run_or_checkpoint, which)
-    tensors, meta = ckpt.read_checkpoint(path)
-    for key in ("arch", "num_classes", "in_chans", "pipeline", "classes"):
-        if key not in meta:
-            raise ckpt.CheckpointError(f"checkpoint {path} lacks {key!r} in its metadata")
-    model = create_model(meta["arch"], num_classes=meta["num_classes"], in_chans=meta["in_chans"],
-                         **meta.get("model_overrides", {}))
-    ckpt.load_weights(model, ckpt.strip_prefix(tensors, "model."), path)
-    dev = pick_device(device)
-    model.to(dev).eval()
-    pipeline = build_pipeline(meta["pipeline"]).to(dev)
-    meta["checkpoint"] = str(path)
-    return model, pipeline, meta
-
-
-def inference_precision(device: torch.device, meta: dict, ndim: int, channels_last: bool | None):
-    """The precision the model was trained (and validated) in, when this device has it; else ``auto``."""
-    trained = meta.get("precision", "auto")
-    if trained == "fp16" and device.type != "cuda":
-        trained = "auto"
-    return pick_precision(device, trained, channels_last, ndim)
 
 
 def evaluate(run_or_checkpoint: str | Path, data: str, *, tta: bool | str = False, batch_size: int = 256,

@@ -17,7 +17,7 @@ import torch
 from resnetlab.data import audio_augment as aug
 from resnetlab.data.audio import INT16_SCALE
 from resnetlab.data.features import MFCC, LogMel, ms_to_samples
-from resnetlab.data.pipeline import Pipeline, register_pipeline
+from resnetlab.data.pipeline_base import Pipeline, register_pipeline
 
 FEATURES = ("logmel", "mfcc")
 LAYOUTS = ("2d", "1d")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from resnetlab.data.augment import alternating_flip, cutout, mix, random_crop, random_flip, random_resized_crop
-from resnetlab.data.pipeline import Pipeline, register_pipeline
+from resnetlab.data.pipeline_base import Pipeline, register_pipeline
 
 FLIP_MODES = ("random", "alternate")
 

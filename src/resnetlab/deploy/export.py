@@ -181,7 +181,7 @@ def export_model(run_or_checkpoint: str | os.PathLike, fmt: str = "onnx", out: s
         check: run the exported file on a random input and compare with eager PyTorch (needs ``onnxruntime``
             for ONNX; skipped with a note when it is missing).
     """
-    from resnetlab.api import load_model
+    from resnetlab.training.run_dir import load_model
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; allowed: {', '.join(FORMATS)}")

@@ -97,7 +97,7 @@ class Predictor:
     """A model with its preprocessing and decoding, for repeated inference.
 
     Build with :meth:`load` (a run directory or checkpoint) or directly from ``(model, pipeline, meta)`` as
-    :func:`resnetlab.api.load_model` returns them. ``threads``: intra-op threads of the backend (default: torch's).
+    :func:`resnetlab.load_model` returns them. ``threads``: intra-op threads of the backend (default: torch's).
     Calls that run the model are serialised by a lock, so one Predictor may be shared between threads.
     """
 
@@ -123,7 +123,7 @@ class Predictor:
     @classmethod
     def load(cls, run_or_checkpoint: str | os.PathLike, *, backend: str = "auto", device: str = "auto",
              which: str = "best", threads: int | None = None, log=None) -> Predictor:
-        from resnetlab.api import load_model
+        from resnetlab.training.run_dir import load_model
 
         model, pipeline, meta = load_model(run_or_checkpoint, device=device, which=which)
         return cls(model, pipeline, meta, backend=backend, threads=threads, log=log)

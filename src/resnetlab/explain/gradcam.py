@@ -251,10 +251,10 @@ def explain_files(run_or_checkpoint: str | os.PathLike, inputs, out_dir: str | o
     prediction; audio files get the spectrogram the network reads, Grad-CAM over it and the saliency.
     Returns ``[{"file", "png", "label", "prob"}]``, or ``{"file", "error"}`` for a file that cannot be read.
     """
-    from resnetlab.api import load_model
     from resnetlab.data.errors import DataError
     from resnetlab.data.layout import list_input_files
     from resnetlab.data.prepare import decoder_for
+    from resnetlab.training.run_dir import load_model
 
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from resnetlab.models.convert import ConvertedWeights, infer_resnet_kwargs, match_arch
+from resnetlab.models.converted import ConvertedWeights, infer_resnet_kwargs, match_arch
 from resnetlab.models.weights import KERAS_BN_EPS, KERAS_CAFFE_MEAN, KERAS_CAFFE_STD
 
 _CONV_VARS = ("kernel", "bias")
