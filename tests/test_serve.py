@@ -11,6 +11,9 @@ import http.client
 import io
 import json
 import os
+import re
+import select
+import socket
 import threading
 import time
 import uuid
@@ -287,6 +290,334 @@ def test_audio_server_rejects_images(audio_server, png):
     assert status == 400 and "this model classifies audio, but the upload is PNG image" in res["error"]
     status, res = Client(audio_server).predict(b"RIFF\x10\x00\x00\x00WAVEjunkjunkjunk", "bad.wav")
     assert status == 400 and "bad.wav" in res["error"] and "cannot decode" in res["error"]
+
+
+# --- hostile clients --------------------------------------------------------------------------------------
+
+
+def raw(server, data: bytes, timeout: float = 10.0, shut: bool = True) -> bytes:
+    """Sends raw bytes on a fresh connection (then ends the sending side) and returns all the server answers
+    until it closes the connection (or ``timeout`` passes without a byte)."""
+    s = socket.create_connection(server.server_address[:2], timeout=timeout)
+    out = b""
+    try:
+        try:
+            s.sendall(data)
+            if shut:
+                s.shutdown(socket.SHUT_WR)
+        except OSError:  # the server answered and closed before all of it was sent: read what it said
+            pass
+        while True:
+            try:
+                chunk = s.recv(1 << 16)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        s.close()
+    return out
+
+
+def responses(data: bytes) -> list[tuple[int, dict, bytes]]:
+    """``(status, headers with lower-case names, body)`` of each HTTP response in ``data``, in order."""
+    out = []
+    while data:
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        assert sep, f"not an HTTP response: {data[:200]!r}"
+        lines = head.decode("latin-1").split("\r\n")
+        m = re.fullmatch(r"HTTP/1\.[01] (\d{3}) .*", lines[0])
+        assert m, f"bad status line {lines[0]!r}"
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        n = int(headers.get("content-length", 0))
+        out.append((int(m.group(1)), headers, rest[:n]))
+        data = rest[n:]
+    return out
+
+
+def request_bytes(server, method: str, path: str, body: bytes = b"", headers: list | None = None,
+                  host: str | None = None) -> bytes:
+    host = host if host is not None else f"127.0.0.1:{server.server_address[1]}"
+    lines = [f"{method} {path} HTTP/1.1"] + ([f"Host: {host}"] if host else [])
+    lines += [f"{k}: {v}" for k, v in (headers if headers is not None else [("Content-Length", len(body))])]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+@pytest.fixture(scope="module")
+def small_png(tmp_path_factory):
+    return write_image(tmp_path_factory.mktemp("small") / "s.png", 16).read_bytes()  # 16x20 = 320 pixels
+
+
+@pytest.fixture(scope="module")
+def strict_server(image_server):
+    """The image model behind tight limits: 500 pixels, 4 parts, 4 KiB of headers, and one more allowed Host."""
+    server, thread = running(image_server.predictor, max_pixels=500, max_parts=4, max_header_bytes=4096,
+                             allow_hosts=("example.test",))
+    yield server
+    stop(server, thread)
+
+
+@pytest.mark.parametrize("method,path", [("POST", "/nope"), ("POST", "/predict?top_k=x"), ("GET", "/health")])
+def test_an_unread_body_is_never_taken_for_a_request(image_server, method, path):
+    """Request smuggling: an answer sent before the body was read closes the connection."""
+    port = image_server.server_address[1]
+    smuggled = f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    answers = responses(raw(image_server, request_bytes(image_server, method, path, smuggled)))
+    assert len(answers) == 1, [a[0] for a in answers]
+    assert answers[0][1].get("connection") == "close"
+
+
+@pytest.mark.parametrize("lengths", [["+5"], ["1_0"], ["5 5"], ["0x5"], ["-1"], [" 1_0 "], ["5", "5"], ["5", "6"]])
+def test_content_length_must_be_one_header_of_digits(image_server, lengths):
+    headers = [("Content-Length", v) for v in lengths] + [("Content-Type", "image/png")]
+    data = request_bytes(image_server, "POST", "/predict", b"hello" + b"x" * 5, headers)
+    answers = responses(raw(image_server, data))
+    assert len(answers) == 1
+    status, headers, body = answers[0]
+    assert status == 400 and "Content-Length" in json.loads(body)["error"] and headers["connection"] == "close"
+
+
+def test_chunked_uploads_are_refused_and_close(image_server):
+    data = request_bytes(image_server, "POST", "/predict", b"5\r\nhello\r\n0\r\n\r\n",
+                         [("Transfer-Encoding", "chunked"), ("Content-Length", "5")])
+    answers = responses(raw(image_server, data))
+    assert [a[0] for a in answers] == [411] and answers[0][1]["connection"] == "close"
+
+
+def _stall(server, n: int) -> list[socket.socket]:
+    """``n`` connections that send the start of a request and then nothing."""
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(server.server_address[:2], timeout=10)
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        socks.append(s)
+    return socks
+
+
+def _wait_for(condition, timeout: float = 20.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def _connection_threads() -> int:
+    return sum(t.name == "resnetlab-connection" for t in threading.enumerate())
+
+
+def test_open_connections_are_capped_with_503(image_server):
+    server, thread = running(image_server.predictor, max_connections=2, request_deadline=30)
+    stalled = _stall(server, 2)
+    try:
+        assert _wait_for(lambda: server.connection_stats()["open_connections"] == 2)
+        extra = _stall(server, 3)  # past the cap: answered 503 by the accepting thread, no thread started
+        for s in extra:
+            status, headers, body = responses(s.recv(4096))[0]
+            assert status == 503 and headers["connection"] == "close"
+            assert "connections open" in json.loads(body)["error"]
+            s.close()
+        assert _connection_threads() <= 2
+        answers = responses(raw(server, request_bytes(server, "GET", "/health")))
+        assert [a[0] for a in answers] == [503]
+        assert server.connection_stats()["refused_connections"] == 4
+    finally:
+        for s in stalled:
+            s.close()
+    assert _wait_for(lambda: server.connection_stats()["open_connections"] == 0)
+    assert responses(raw(server, request_bytes(server, "GET", "/health")))[0][0] == 200
+    stop(server, thread)
+
+
+def test_the_deadline_holds_for_the_whole_request(image_server):
+    """A client that trickles a header line every 0.2 s (each read is quick) is cut off at the request's
+    deadline (1 s), long before its 8 s of trickling end."""
+    server, thread = running(image_server.predictor, request_deadline=1.0)
+    s = socket.create_connection(server.server_address[:2], timeout=10)
+    cut, answer = False, b""
+    try:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        for i in range(40):
+            if select.select([s], [], [], 0.2)[0]:
+                answer = s.recv(4096)
+                cut = True
+                break
+            try:
+                s.sendall(f"X-Slow-{i}: x\r\n".encode())
+            except (BrokenPipeError, ConnectionResetError):
+                cut = True
+                break
+    except ConnectionResetError:
+        cut = True
+    finally:
+        s.close()
+        stop(server, thread)
+    assert cut, "the server was still reading after 8 s"
+    assert answer == b"" or responses(answer)[0][0] == 408
+
+
+def test_a_stalled_body_gets_408_at_the_deadline(image_server):
+    server, thread = running(image_server.predictor, request_deadline=1.0)
+    try:
+        answer = raw(server, request_bytes(server, "POST", "/predict", b"", [("Content-Length", "100")]),
+                     shut=False)
+        assert [a[0] for a in responses(answer)] == [408]
+    finally:
+        stop(server, thread)
+
+
+class Wrapped:
+    """A Predictor with some methods replaced (the tests' faults); everything else is the real one's."""
+
+    def __init__(self, real, **methods):
+        self._real = real
+        self.__dict__.update(methods)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def test_concurrent_decodes_are_bounded(image_server, png):
+    real, lock, now, peak = image_server.predictor, threading.Lock(), [0], [0]
+
+    def slow_decode(data, name, **limits):
+        with lock:
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        time.sleep(0.1)
+        with lock:
+            now[0] -= 1
+        return real.decode_upload(data, name, **limits)
+
+    server, thread = running(Wrapped(real, decode_upload=slow_decode), max_decodes=1)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            codes = [c for c, _ in pool.map(lambda _: Client(server).predict(png), range(4))]
+        assert codes == [200] * 4 and peak[0] == 1
+    finally:
+        stop(server, thread)
+
+
+def test_server_side_pixel_cap(strict_server, png, small_png):
+    code, res = Client(strict_server).predict(png, "big.png")  # 30x34 = 1,020 pixels
+    assert code == 400 and "big.png: image too large (34x30 = 1,020 pixels; this server takes at most 500)" \
+        in res["error"], res
+    assert Client(strict_server).predict(small_png)[0] == 200
+
+
+def test_server_side_clip_length_cap(audio_server, tmp_path):
+    server, thread = running(audio_server.predictor, max_audio_seconds=0.2)
+    try:
+        long_clip = write_wave(tmp_path / "long.wav", seconds=0.4).read_bytes()
+        code, res = Client(server).predict(long_clip, "long.wav")
+        assert code == 400 and "long.wav: clip too long (0.4 s declared; this server takes at most 0.2 s)" \
+            in res["error"], res
+        short = write_wave(tmp_path / "short.wav", seconds=0.15).read_bytes()
+        assert Client(server).predict(short, "short.wav")[0] == 200
+    finally:
+        stop(server, thread)
+
+
+@pytest.mark.parametrize("host,status", [
+    ("evil.example:{port}", 403), ("evil.example", 403), ("127.0.0.1:1", 403), ("localhost.evil.example:{port}", 403),
+    ("127.0.0.1:{port}", 200), ("localhost:{port}", 200), ("[::1]:{port}", 200), ("LocalHost:{port}", 200),
+    ("example.test", 200), ("example.test:9999", 200), ("", 400),
+])
+def test_host_must_name_this_server(strict_server, host, status):
+    """DNS rebinding: a foreign name in Host gets 403, for the page too."""
+    data = request_bytes(strict_server, "GET", "/", host=host.format(port=strict_server.server_address[1]))
+    answers = responses(raw(strict_server, data))
+    assert [a[0] for a in answers] == [status]
+    if status != 200:
+        assert b"<html" not in answers[0][2].lower()
+
+
+@pytest.mark.parametrize("origin,status", [
+    (None, 200), ("http://127.0.0.1:{port}", 200), ("http://localhost:{port}", 200), ("http://example.test", 200),
+    ("http://evil.example", 403), ("https://evil.example:{port}", 403), ("null", 403), ("http://127.0.0.1:1", 403),
+    ("http://127.0.0.1:{port}@evil.example", 403), ("file://", 403),
+])
+def test_a_post_from_a_foreign_origin_is_refused(strict_server, small_png, origin, status):
+    """CSRF: a page elsewhere may not POST here; the served page's own (same-origin) POST works."""
+    body, ctype = multipart({"file": ("s.png", small_png)})
+    headers = {"Content-Type": ctype}
+    if origin is not None:
+        headers["Origin"] = origin.format(port=strict_server.server_address[1])
+    code, res = Client(strict_server).request("POST", "/predict", body, headers)
+    assert code == status, res
+    if status == 403:
+        assert "cross-site POST refused" in res["error"]
+
+
+def test_multipart_parts_are_capped_and_field_names_not_echoed(strict_server, small_png):
+    many = {f"f{i}": (None, b"x") for i in range(8)} | {"file": ("s.png", small_png)}
+    body, ctype = multipart(many)
+    code, res = Client(strict_server).request("POST", "/predict", body, {"Content-Type": ctype})
+    assert code == 400 and "too many multipart parts: more than 4" in res["error"]
+    with pytest.raises(RequestError, match="too many multipart parts"):
+        parse_multipart(body, ctype, max_parts=4)
+    body, ctype = multipart({f"field{i}": (None, b"x") for i in range(4)})
+    code, res = Client(strict_server).request("POST", "/predict", body, {"Content-Type": ctype})
+    assert code == 400 and res["error"] == "no multipart field 'file' (fields sent: 'field0', 'field1', 'field2' " \
+                                           "and 1 more)"
+
+
+def test_header_bytes_are_capped(strict_server):
+    headers = [(f"X-Pad-{i}", "p" * 200) for i in range(30)]  # 6 KB of headers, limit 4 KiB
+    answers = responses(raw(strict_server, request_bytes(strict_server, "GET", "/health", headers=headers)))
+    assert len(answers) == 1
+    status, headers, body = answers[0]
+    assert status == 431 and headers["connection"] == "close" and "4,096 bytes" in json.loads(body)["error"]
+    answers = responses(raw(strict_server, request_bytes(strict_server, "GET", "/x" * 3000)))
+    assert [a[0] for a in answers] == [414]
+
+
+@pytest.mark.parametrize("fault", ["decode-memory", "decode-value", "model"])
+def test_unexpected_errors_are_a_generic_json_500(image_server, png, capfd, fault):
+    real = image_server.predictor
+
+    def decode(data, name, **limits):
+        raise (MemoryError if fault == "decode-memory" else ValueError)("secret /home/user/details")
+
+    class BrokenModel(SlowPredictor):
+        def probabilities(self, samples):
+            raise RuntimeError("secret /home/user/details")
+
+    methods = {"decode_upload": decode} if fault.startswith("decode") else {
+        "probabilities": BrokenModel().probabilities}
+    server, thread = running(Wrapped(real, **methods))
+    try:
+        code, res = Client(server).predict(png)
+        assert code == 500 and "secret" not in json.dumps(res)
+        assert res["error"] == ("internal error while running the model" if fault == "model" else
+                                "internal error while decoding the upload") + "; the server's log has the details"
+        assert Client(server).request("GET", "/health")[0] == 200
+    finally:
+        stop(server, thread)
+    log = capfd.readouterr().err
+    assert "Traceback" in log and "secret /home/user/details" in log
+
+
+def test_page_may_not_be_framed(image_server):
+    conn = http.client.HTTPConnection(*image_server.server_address[:2], timeout=TIMEOUT)
+    try:
+        conn.request("GET", "/")
+        r = conn.getresponse()
+        r.read()
+        assert "frame-ancestors 'none'" in r.getheader("Content-Security-Policy")
+    finally:
+        conn.close()
+
+
+def test_cli_allow_host_option():
+    from resnetlab.cli import _parser
+
+    args = _parser().parse_args(["serve", "run", "--allow-host", "box.lan", "--allow-host", "10.0.0.5:8000"])
+    assert args.allow_host == ["box.lan", "10.0.0.5:8000"]
+    with pytest.raises(ValueError, match="--allow-host 'a:b': expected NAME or NAME:PORT"):
+        make_server(SlowPredictor(), "127.0.0.1", 0, allow_hosts=["a:b"])
 
 
 # --- end to end in a real browser ------------------------------------------------------------------------

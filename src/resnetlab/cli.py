@@ -147,6 +147,16 @@ def _add_deploy_parsers(sub) -> None:
     sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long the worker waits to fill a batch")
     sv.add_argument("--max-upload-mb", type=float, default=16.0, help="larger uploads get 413")
     sv.add_argument("--top-k", type=int, default=5)
+    sv.add_argument("--allow-host", action="append", default=[], metavar="NAME[:PORT]",
+                    help="also accept requests whose Host is NAME (any port) or NAME:PORT; repeatable. Without it "
+                         "only the bound address, localhost, 127.0.0.1 and [::1] are served (DNS-rebinding defence)")
+    sv.add_argument("--max-connections", type=int, default=64,
+                    help="open connections (and threads) at most; one more gets 503 (default 64)")
+    sv.add_argument("--request-deadline", type=float, default=30.0, metavar="S",
+                    help="seconds a client has to send a whole request, however slowly (default 30)")
+    sv.add_argument("--max-decodes", type=int, default=2, help="uploads decoded at once at most (default 2)")
+    sv.add_argument("--max-pixels", type=int, default=2**24, help="larger images get 400 (default 16,777,216)")
+    sv.add_argument("--max-audio-seconds", type=float, default=60.0, help="longer clips get 400 (default 60)")
     sv.add_argument("--verbose", action="store_true", help="log every request")
 
     xp = sub.add_parser("explain", help="Grad-CAM (and audio saliency) overlay PNGs for files",
@@ -297,7 +307,9 @@ def cmd_serve(args) -> int:
 
     serve(args.run, host=args.host, port=args.port, backend=args.backend, device=args.device,
           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb, top_k=args.top_k,
-          verbose=args.verbose, log=_to_stderr)
+          verbose=args.verbose, allow_hosts=tuple(args.allow_host), max_connections=args.max_connections,
+          request_deadline=args.request_deadline, max_decodes=args.max_decodes, max_pixels=args.max_pixels,
+          max_audio_seconds=args.max_audio_seconds, log=_to_stderr)
     return 0
 
 

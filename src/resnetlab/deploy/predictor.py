@@ -270,9 +270,14 @@ class Predictor:
 
     # --- uploads ---------------------------------------------------------------------------------------
 
-    def decode_upload(self, data: bytes, name: str = "upload") -> np.ndarray:
+    def decode_upload(self, data: bytes, name: str = "upload", *, max_pixels: int | None = None,
+                      max_seconds: float | None = None) -> np.ndarray:
         """Uploaded file bytes -> one decoded sample (cache format). Raises ``DataError`` with a message for the
-        client that names ``name`` and the problem (empty, wrong kind for this model, unsupported, corrupt)."""
+        client that names ``name`` and the problem (empty, wrong kind for this model, unsupported, corrupt).
+
+        ``max_pixels`` / ``max_seconds``: a server's tighter limits than the data layer's, checked from the
+        file's header before decoding (an audio stream that declares no length is bounded by the data layer's
+        ``MAX_AUDIO_VALUES`` only)."""
         if not data:
             raise DataError(f"{name}: empty file (0 bytes)")
         kind, suffix, fmt = sniff(data)
@@ -287,6 +292,7 @@ class Predictor:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            _check_header_limits(tmp, name, kind, max_pixels, max_seconds)
             return self.decode_file(tmp)
         except DataError as e:
             raise DataError(str(e).replace(tmp, name)) from None
@@ -310,6 +316,28 @@ class Predictor:
 
         exp = explanation if explanation is not None else self.explain(sample)
         return png_bytes(heatmap_image(sample, exp, 0, self.modality))
+
+
+def _check_header_limits(path: str, name: str, kind: str, max_pixels: int | None, max_seconds: float | None) -> None:
+    """Refuses an image of more than ``max_pixels`` or a clip declaring more than ``max_seconds``, from the header."""
+    if kind == "image" and max_pixels is not None:
+        from resnetlab.data.images import read_header
+
+        h = read_header(path)
+        if h.width * h.height > max_pixels:
+            raise DataError(f"{name}: image too large ({h.width}x{h.height} = {h.width * h.height:,} pixels; this "
+                            f"server takes at most {max_pixels:,})")
+    elif kind == "audio" and max_seconds is not None:
+        import soundfile as sf
+
+        try:
+            with sf.SoundFile(path) as f:
+                frames, rate = f.frames, f.samplerate
+        except Exception:  # noqa: BLE001 - unreadable: the decoder says why, in its words
+            return
+        if rate > 0 and 0 < frames < 2**62 and frames / rate > max_seconds:
+            raise DataError(f"{name}: clip too long ({frames / rate:,.1f} s declared; this server takes at most "
+                            f"{max_seconds:g} s)")
 
 
 class _TorchRunner:
