@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import hostile_files
 import resnetlab.data.images as images
 from resnetlab.data.errors import DataError
 from resnetlab.data.images import decode_image, probe_images, read_header
@@ -175,6 +176,33 @@ def test_unreadable_files_name_file_and_reason(tmp_path, content, reason):
     with pytest.raises(DataError, match=f"bad.png: {reason}") as info:
         decode_image(path, None, 3)
     assert str(tmp_path) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["eps", "tiff", "ico"])
+def test_formats_resnetlab_does_not_read_are_refused_whatever_the_name(tmp_path, monkeypatch, kind):
+    """An EPS named x.png opened as EPS, and decoding it ran Ghostscript where it is installed."""
+    from PIL import EpsImagePlugin
+
+    gs_calls = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: gs_calls.append(a))
+    path = tmp_path / "x.png"
+    if kind == "eps":
+        path.write_bytes(hostile_files.EPS)
+    else:
+        Image.fromarray(RGB).save(path, format=kind.upper())
+    for call in (read_header, lambda p: decode_image(p, (8, 8), 3)):
+        with pytest.raises(DataError, match="x.png: not a recognised image format .*PNG, JPEG") as info:
+            call(path)
+        assert "\n" not in str(info.value)
+    assert not gs_calls
+
+
+@pytest.mark.parametrize("fmt", images.IMAGE_FORMATS)
+def test_every_listed_format_opens_under_any_name(tmp_path, fmt):
+    path = tmp_path / "named.png"
+    Image.fromarray(RGB).save(path, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    assert read_header(path).format == fmt
+    assert decode_image(path, None, 3).shape == (3, 8, 8)
 
 
 @pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp"])

@@ -34,6 +34,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from resnetlab.data.errors import DataError
 
 MAX_PIXELS = 50_000_000  # images whose header declares more are refused before decoding (decompression bombs)
+# The only formats PIL may open (Image.open's ``formats=``), whatever a file is named: PIL otherwise identifies a
+# file by its content among some 40 formats, so an EPS named x.png would open as EPS and decoding it would run
+# Ghostscript. Camera JPEGs that PIL reports as "MPO" open through the JPEG plugin. GIF: what uploads may be.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF")
+# Bump when decoding changes what a file decodes to (colour conversion, resizing, EXIF handling): part of the cache
+# key, so caches built by an older decoder are not reused (data/prepare.py adds it with the libraries' versions).
+DECODER_VERSION = 1
 
 _GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
@@ -72,7 +79,7 @@ def read_header(path: str | os.PathLike) -> ImageHeader:
     try:
         # PIL warns above Image.MAX_IMAGE_PIXELS, which is beyond MAX_PIXELS: such files are refused below anyway.
         # (Not silenced with warnings.catch_warnings, which is not thread-safe and decoding runs in threads.)
-        with Image.open(path) as im:
+        with Image.open(path, formats=IMAGE_FORMATS) as im:
             width, height, mode, fmt = im.width, im.height, im.mode, im.format or "?"
             alpha = mode in _ALPHA_MODES or "transparency" in im.info
             if _exif_orientation(im.info.get("exif")) in (5, 6, 7, 8):  # rotated by 90 degrees
@@ -83,7 +90,7 @@ def read_header(path: str | os.PathLike) -> ImageHeader:
         raise DataError(f"{path}: image too large ({size} declared, limit {MAX_PIXELS:,}); "
                         "refusing to decode") from None
     except UnidentifiedImageError:
-        raise DataError(f"{path}: not a recognised image format") from None
+        raise DataError(f"{path}: not a recognised image format (resnetlab reads {', '.join(IMAGE_FORMATS)})") from None
     except Exception as e:  # PIL raises many types for corrupt headers
         raise DataError(f"{path}: unreadable image header ({_one_line(e)})") from None
     if width * height > MAX_PIXELS:
@@ -167,7 +174,7 @@ def _decode_torchvision(path: str, header: ImageHeader) -> torch.Tensor:
 
 def _decode_pil(path: str, header: ImageHeader) -> torch.Tensor:
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=IMAGE_FORMATS) as im:
             im = ImageOps.exif_transpose(im)
             if im.mode.startswith("I"):  # 16/32-bit integer gray: keep the high byte of the 16-bit range
                 a = (np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
