@@ -492,6 +492,26 @@ def test_malicious_pickle_is_refused_and_never_runs(how, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("version", ["2.5.1", "2.2.0+cpu", "1.13.1", "weird"])
+def test_pickled_files_are_refused_on_a_torch_whose_weights_only_can_run_code(tmp_path, monkeypatch, version):
+    """CVE-2025-32434: torch.load(weights_only=True) can run code on torch <= 2.5.1, so nothing pickled is opened."""
+    source = tmp_path / "plain.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, source)
+    loads = []
+    monkeypatch.setattr(torch, "__version__", version)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a))
+    expected = f"plain.pth: refusing to unpickle it with torch {re.escape(version)}: .*CVE-2025-32434"
+    with pytest.raises(UnsafeCheckpointError, match=expected) as err:
+        load_pretrained(create_model("resnet18"), source)
+    assert "\n" not in str(err.value) and not loads
+
+
+def test_the_package_requires_a_torch_that_unpickles_safely():
+    text = os.path.join(os.path.dirname(os.path.dirname(__file__)), "pyproject.toml")
+    found = re.findall(r'^\s*"torch\s*>=\s*(\d+)\.(\d+)', open(text, encoding="utf-8").read(), re.MULTILINE)
+    assert len(found) == 1 and tuple(map(int, found[0])) >= (2, 6), found
+
+
 # --- finding weights ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("source, expect", [
     ("torchvision:resnet50", ["resnet50-11ad3fa6.pth", "hub/checkpoints", "https://download.pytorch.org/models/"]),

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from resnetlab.fileio import atomic_write
+from resnetlab.models.convert import check_safe_unpickling
 
 FORMATS = ("onnx", "torchscript", "torch-export")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "torch-export": ".pt2"}
@@ -327,6 +328,7 @@ class ExportedModel:
                 if self.format == "torchscript":
                     self.module = torch.jit.load(str(self.path), map_location="cpu")
                 else:
+                    check_safe_unpickling(self.path)  # a .pt2 archive holds pickles
                     self.module = torch.export.load(str(self.path)).module()
 
     def __call__(self, x) -> np.ndarray:

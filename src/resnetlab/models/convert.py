@@ -51,18 +51,33 @@ class UnsafeCheckpointError(ValueError):
 
 
 # --- safe reading ----------------------------------------------------------------------------------------------
+# torch.load(weights_only=True) can still run code from a crafted file on torch <= 2.5.1 (CVE-2025-32434).
+# pyproject.toml requires torch >= 2.6; this guards an environment that has an older one anyway.
+SAFE_UNPICKLING_TORCH = (2, 6)
+
+
+def check_safe_unpickling(path: str | Path) -> None:
+    """Raise :class:`UnsafeCheckpointError` when this torch cannot unpickle ``path`` without possibly running code
+    from it (torch < 2.6); call it before every ``torch.load`` or ``torch.export.load`` of a user's file."""
+    m = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    if m is None or (int(m[1]), int(m[2])) < SAFE_UNPICKLING_TORCH:
+        raise UnsafeCheckpointError(
+            f"{path}: refusing to unpickle it with torch {torch.__version__}: before torch 2.6 even "
+            "torch.load(weights_only=True) can run code from a file (CVE-2025-32434); upgrade torch "
+            "(pip install 'torch>=2.6') or convert the file to .safetensors on a machine where you trust it")
+
+
 def safe_torch_load(path: str | Path) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU, with a clear error when the file holds code.
 
     Only tensors, plain containers and numbers (and ``argparse.Namespace``, which timm's training checkpoints
     store their arguments in) are unpickled; anything else raises :class:`UnsafeCheckpointError` before a
-    single object of the file is built, so no ``__reduce__`` payload ever runs.
+    single object of the file is built, so no ``__reduce__`` payload ever runs. Refused outright on torch < 2.6
+    (:func:`check_safe_unpickling`).
     """
-    safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    check_safe_unpickling(path)
     try:
-        if safe_globals is None:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        with safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         detail = str(e).strip().splitlines()
