@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+import hostile_files
 from resnetlab.models import create_model
 from resnetlab.models.convert import (
     MODEL_PREFIX,
@@ -510,6 +511,60 @@ def test_the_package_requires_a_torch_that_unpickles_safely():
     text = os.path.join(os.path.dirname(os.path.dirname(__file__)), "pyproject.toml")
     found = re.findall(r'^\s*"torch\s*>=\s*(\d+)\.(\d+)', open(text, encoding="utf-8").read(), re.MULTILINE)
     assert len(found) == 1 and tuple(map(int, found[0])) >= (2, 6), found
+
+
+# --- sharded checkpoints: shards confined to the index's folder -----------------------------------------------
+def _save_shard(path, value: float = 1.0):
+    from safetensors.torch import save_file
+
+    save_file({"conv1.weight": torch.full((2,), value)}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/../../x.safetensors",
+                                   "..\\outside.safetensors", "C:outside.safetensors", "model.safetensors.index.json",
+                                   "other.index.json", "notes.txt", 7, ""])
+def test_a_shard_index_may_only_name_weights_files_in_its_folder(tmp_path, shard):
+    """Before: index names were joined to the folder as given (``../``, absolute), and an index naming an index
+    recursed until Python's recursion limit."""
+    _save_shard(tmp_path / "outside.safetensors", 666.0)
+    folder = tmp_path / "model"
+    index = hostile_files.shard_folder(folder, shard)
+    (folder / "sub").mkdir()
+    (folder / "other.index.json").write_text(json.dumps({"weight_map": {"conv1.weight": "other.index.json"}}))
+    for source in (index, folder):
+        with pytest.raises(ValueError, match="model.safetensors.index.json: shard .* (not a plain file name|not a "
+                                             r"\.safetensors|not a file name)") as err:
+            read_pretrained(source)
+        assert "\n" not in str(err.value)
+
+
+def test_a_shard_that_is_a_symlink_out_of_the_folder_is_refused(tmp_path):
+    _save_shard(tmp_path / "secret.safetensors", 666.0)
+    folder = tmp_path / "model"
+    index = hostile_files.shard_folder(folder, "model-1.safetensors")
+    (folder / "model-1.safetensors").symlink_to(tmp_path / "secret.safetensors")
+    with pytest.raises(ValueError, match="shard 'model-1.safetensors' is a symlink to .*secret.safetensors, outside"):
+        read_pretrained(index)
+    (folder / "model-1.safetensors").unlink()
+    _save_shard(folder / "model-1.safetensors", 2.0)
+    assert read_pretrained(index).state_dict["conv1.weight"].tolist() == [2.0, 2.0]
+
+
+def test_shards_in_a_hugging_face_cache_snapshot_may_link_into_its_blobs(tmp_path):
+    repo = tmp_path / "hub" / "models--org--net"
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    _save_shard(repo / "blobs" / "f00d", 3.0)
+    (snapshot / "model-1.safetensors").symlink_to("../../blobs/f00d")
+    index = hostile_files.shard_folder(snapshot, "model-1.safetensors")
+    assert read_pretrained(index).state_dict["conv1.weight"].tolist() == [3.0, 3.0]
+    _save_shard(tmp_path / "hub" / "elsewhere", 666.0)  # outside this repository's cache folder
+    (snapshot / "model-1.safetensors").unlink()
+    (snapshot / "model-1.safetensors").symlink_to("../../../elsewhere")
+    with pytest.raises(ValueError, match="is a symlink to .*elsewhere, outside"):
+        read_pretrained(index)
 
 
 # --- finding weights ----------------------------------------------------------------------------------------

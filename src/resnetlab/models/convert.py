@@ -94,22 +94,74 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path), device="cpu")
 
 
+MAX_INDEX_BYTES = 64 << 20  # a shard index lists tensor names; real ones are kilobytes
+
+
+def _confinement(folder: Path) -> Path:
+    """The folder a shard may resolve into: the index's own, or for an index in a Hugging Face hub cache snapshot
+    (``models--org--name/snapshots/<rev>/``, whose files are symlinks to ``../../blobs/<hash>``) that repository's
+    cache folder."""
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent.resolve()
+    return folder.resolve()
+
+
 def _shards(index_path: Path) -> list[Path]:
-    weight_map = json.loads(index_path.read_text()).get("weight_map", {})
-    return [index_path.parent / f for f in sorted(set(weight_map.values()))]
+    """The shard files a sharded checkpoint's index (``*.index.json``) names, each checked before anything is read.
+
+    A shard must be a plain file name in the index's folder (no ``/``, ``..`` or absolute path), a weights file
+    that is not itself an index (no nesting), and must not be a symlink that leads out of the folder (or, in a
+    Hugging Face cache, out of the repository's cache folder). Raises ``ValueError`` naming the index otherwise.
+    """
+    if index_path.stat().st_size > MAX_INDEX_BYTES:
+        raise ValueError(f"{index_path}: a shard index of {index_path.stat().st_size:,} bytes, more than "
+                         f"{MAX_INDEX_BYTES:,}; not a checkpoint index")
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{index_path}: not a valid JSON shard index ({' '.join(str(e).split())[:120]})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_path}: a shard index needs a non-empty 'weight_map' object (tensor name -> shard "
+                         "file)")
+    root = _confinement(index_path.parent)
+    shards = []
+    bad = next((v for v in weight_map.values() if not isinstance(v, str)), None)
+    if bad is not None:
+        raise ValueError(f"{index_path}: shard {repr(bad)[:100]} is not a file name")
+    for name in sorted(set(weight_map.values())):
+        shown = repr(name) if len(name) <= 100 else repr(name[:97] + "...")
+        if (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+                or (len(name) > 1 and name[1] == ":")):
+            raise ValueError(f"{index_path}: shard {shown} is not a plain file name in the index's folder; "
+                             "refusing to read files elsewhere")
+        if name.lower().endswith(".index.json") or not name.lower().endswith((".safetensors",) + TORCH_SUFFIXES):
+            raise ValueError(f"{index_path}: shard {shown} is not a .safetensors or {'/'.join(TORCH_SUFFIXES)} "
+                             "weights file (a shard index cannot name another index)")
+        shard = index_path.parent / name
+        if not shard.resolve().is_relative_to(root):
+            raise ValueError(f"{index_path}: shard {shown} is a symlink to {shard.resolve()}, outside {root}; "
+                             "refusing to read files elsewhere")
+        shards.append(shard)
+    return shards
 
 
 def load_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a flat ``{name: tensor}`` dict from a ``.safetensors``, a pickled state dict or a sharded index.
 
     Pickled checkpoints are unwrapped (``{"state_dict": ...}``, ``{"model": ...}``, DDP's ``module.`` prefix).
+    The shards of an index are confined to its folder (:func:`_shards`).
     """
     path = Path(path)
     if path.name.endswith(".index.json"):
         out: dict[str, torch.Tensor] = {}
         for shard in _shards(path):
-            out.update(load_tensor_file(shard))
+            out.update(_load_weights_file(shard))
         return out
+    return _load_weights_file(path)
+
+
+def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
     return unwrap_state_dict(safe_torch_load(path), path)
