@@ -1,4 +1,5 @@
-"""Metrics on hand-computed examples, every plot writes a readable PNG, the HTML report escapes what it shows."""
+"""Metrics on hand-computed examples, every plot draws its series in a PNG of the expected size, the HTML
+report escapes what it shows."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from matplotlib import colormaps
 from matplotlib import image as mpimg
+from matplotlib.colors import to_rgb
 
 from resnetlab.report import (
     confusion_matrix,
@@ -172,47 +175,87 @@ def grad_history(steps: int = 60) -> list[dict]:
 
 
 def _cases():
+    """name -> (draw(path), expected (width, height) in pixels, [(colour, at least this many pixels of it)],
+    colours that must not appear).
+
+    Sizes are each figure's ``figsize`` at 110 dpi plus the margins ``bbox_inches="tight"`` adds (about 12 px);
+    misclassified_rgb's captions are wider than its two 1.9-inch cells. The colours are those of the series:
+    lines, markers, bars, cells, captions; each must cover about a third of the pixels it did when this test was
+    written, which a legend's sample alone does not (a legend line with no series: 58 to 169 pixels)."""
     rng = np.random.default_rng(0)
     cm10 = confusion_matrix(rng.integers(0, 10, 500), rng.integers(0, 10, 500), 10)
     cm30 = confusion_matrix(rng.integers(0, 30, 900), rng.integers(0, 30, 900), 30)
     per_class = summary_from_confusion(cm10, [f"class {i}" for i in range(10)])["per_class"]
+    recalls = [r["recall"] for r in per_class]
     gray = rng.integers(0, 256, (5, 1, 28, 28), dtype=np.uint8)
     rgb = rng.integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
     specs = rng.normal(size=(8, 40, 101)).astype(np.float32)
     lrs = np.logspace(-6, 0, 50)
     losses = 2.3 - np.tanh(np.log10(lrs) + 3) + np.where(lrs > 0.3, 50.0, 0.0)
+    blue, orange, green, red = "tab:blue", "tab:orange", "tab:green", "tab:red"
+    curves = (1222, 474)
+    placeholder = (672, 276)
     return {
-        "curves": lambda p: plot_curves(fake_metrics(12), p),
-        "curves_single_epoch": lambda p: plot_curves(fake_metrics(1), p),
-        "curves_no_val": lambda p: plot_curves(fake_metrics(5, val=False), p),
-        "curves_empty": lambda p: plot_curves([], p),
-        "confusion_10": lambda p: plot_confusion(cm10, [f"c{i}" for i in range(9)] + ["$5 bill$^"], p),
-        "confusion_30_counts": lambda p: plot_confusion(cm30, [f"c{i}" for i in range(30)], p, normalize=False),
-        "per_class": lambda p: plot_per_class(per_class, p),
-        "misclassified_gray": lambda p: plot_misclassified(gray, [0, 1, 2, 3, 4], [1, 2, 3, 4, 0],
-                                                           [0.9, 0.8, 0.7, 0.6, 0.5], list("abcde"), p),
-        "misclassified_rgb": lambda p: plot_misclassified(rgb, [0, 1, 2], [2, 0, 1], [0.5, 0.6, 0.7],
-                                                          ["cat", "dog", "<b>"], p, max_items=2),
-        "misclassified_none": lambda p: plot_misclassified(np.zeros((0, 3, 32, 32), np.uint8), [], [], [],
-                                                           ["a"], p),
-        "grad_norms": lambda p: plot_grad_norms(grad_history(), p),
-        "spectrograms": lambda p: plot_spectrograms(specs, [0, 1, 2, 0, 1, 2, 3, 3], ["yes", "no", "up", "down"], p),
-        "lr_find": lambda p: plot_lr_find(list(lrs), list(losses), p, suggestion=1e-3),
-        "lr_find_no_suggestion": lambda p: plot_lr_find([1e-4, 1e-3], [2.0, float("nan")], p, None),
-        "compare": lambda p: plot_compare({"residual": fake_metrics(8), "plain": fake_metrics(6), "none": []},
-                                          "val_acc", p, "validation accuracy"),
+        # train in blue, val in orange, the best epoch's marker in green
+        "curves": (lambda p: plot_curves(fake_metrics(12), p), curves, [(blue, 800), (orange, 1000), (green, 90)], []),
+        "curves_single_epoch": (lambda p: plot_curves(fake_metrics(1), p), curves, [(blue, 70), (orange, 90)], []),
+        "curves_no_val": (lambda p: plot_curves(fake_metrics(5, val=False), p), curves, [(blue, 700)], [orange]),
+        "curves_empty": (lambda p: plot_curves([], p), placeholder, [], [blue, orange]),
+        # the cell of the largest fraction (Blues at that value); at most 1.0 for counts on the sqrt scale
+        "confusion_10": (lambda p: plot_confusion(cm10, [f"c{i}" for i in range(9)] + ["$5 bill$^"], p), (892, 782),
+                         [(colormaps["Blues"](float((cm10 / cm10.sum(1, keepdims=True)).max())), 7000)], []),
+        "confusion_30_counts": (lambda p: plot_confusion(cm30, [f"c{i}" for i in range(30)], p, normalize=False),
+                                (1903, 1772), [(colormaps["Blues"](1.0), 2800)], []),
+        # the bars of the worst and the best class, coloured by recall
+        "per_class": (lambda p: plot_per_class(per_class, p), (947, 496),
+                      [(colormaps["RdYlGn"](0.15 + 0.7 * min(recalls)), 220),
+                       (colormaps["RdYlGn"](0.15 + 0.7 * max(recalls)), 2800)], []),
+        # captions in red
+        "misclassified_gray": (lambda p: plot_misclassified(gray, [0, 1, 2, 3, 4], [1, 2, 3, 4, 0],
+                                                            [0.9, 0.8, 0.7, 0.6, 0.5], list("abcde"), p),
+                               (639, 551), [(red, 25)], []),
+        "misclassified_rgb": (lambda p: plot_misclassified(rgb, [0, 1, 2], [2, 0, 1], [0.5, 0.6, 0.7],
+                                                           ["cat", "dog", "<b>"], p, max_items=2), (635, 278),
+                              [(red, 35)], []),
+        "misclassified_none": (lambda p: plot_misclassified(np.zeros((0, 3, 32, 32), np.uint8), [], [], [], ["a"], p),
+                               placeholder, [], [red]),
+        # the first stage (stem) and the last (fc) of the viridis range
+        "grad_norms": (lambda p: plot_grad_norms(grad_history(), p), (1332, 496),
+                       [(colormaps["viridis"](0.0), 3500), (colormaps["viridis"](0.9), 5800)], []),
+        # each panel clips at its 99.5th percentile: the top of magma is there
+        "spectrograms": (lambda p: plot_spectrograms(specs, [0, 1, 2, 0, 1, 2, 3, 3], ["yes", "no", "up", "down"], p),
+                         (1068, 254), [(colormaps["magma"](1.0), 250)], []),
+        "lr_find": (lambda p: plot_lr_find(list(lrs), list(losses), p, suggestion=1e-3), (782, 474),
+                    [(blue, 450), (red, 85)], []),
+        "lr_find_no_suggestion": (lambda p: plot_lr_find([1e-4, 1e-3], [2.0, float("nan")], p, None), (782, 474),
+                                  [(blue, 30)], [red]),
+        "compare": (lambda p: plot_compare({"residual": fake_metrics(8), "plain": fake_metrics(6), "none": []},
+                                           "val_acc", p, "validation accuracy"), (837, 507),
+                    [(colormaps["tab10"](0), 490), (colormaps["tab10"](1), 380)], []),
     }
 
 
 CASES = _cases()
 
 
+def colour_pixels(img: np.ndarray, colour) -> int:
+    """How many pixels of ``img`` (H, W, 3|4 floats in [0, 1]) are ``colour`` (any matplotlib colour), within 8/255
+    per channel (anti-aliased edges differ; a line's core does not)."""
+    return int((np.abs(img[..., :3] - np.array(to_rgb(colour))).max(axis=-1) < 8 / 255).sum())
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_plot_writes_a_valid_png(name, tmp_path):
+def test_plot_draws_its_series_at_the_expected_size(name, tmp_path):
+    draw, (width, height), drawn, absent = CASES[name]
     out = tmp_path / "sub" / f"{name}.png"
-    result = CASES[name](out)
-    assert result == out
+    assert draw(out) == out
     assert_png(out)
+    img = mpimg.imread(out)
+    assert abs(img.shape[1] - width) <= 0.1 * width and abs(img.shape[0] - height) <= 0.1 * height, img.shape
+    for colour, at_least in drawn:
+        assert colour_pixels(img, colour) >= at_least, f"{colour} not drawn"
+    for colour in absent:
+        assert colour_pixels(img, colour) == 0, f"{colour} drawn"
 
 
 def test_plots_do_not_touch_pyplot_state(tmp_path):
