@@ -30,6 +30,7 @@ from resnetlab.training.config import TrainConfig, inert_options, load_yaml, mak
 from resnetlab.training.defaults import resolve
 from resnetlab.training.engine import Phase, Trainer
 from resnetlab.training.evaluate import predict_loader
+from resnetlab.training.inference import forward_logits, predict_files
 from resnetlab.training.precision import pick_device, pick_precision
 from resnetlab.training.run_dir import code_version, inference_precision, load_model
 
@@ -356,30 +357,14 @@ def predict(run_or_checkpoint: str | Path, inputs, *, top_k: int = 5, batch_size
     if not files:
         raise DataError(f"no image or audio files in {', '.join(map(str, inputs))}")
     model, pipeline, meta = load_model(run_or_checkpoint, device=device)
-    if top_k < 1:
-        raise ValueError(f"--top-k must be >= 1, got {top_k}")
-    k = min(top_k, meta["num_classes"])
     decode, _, _ = decoder_for(meta["pipeline"])
     dev = next(model.parameters()).device
     prec = inference_precision(dev, meta, getattr(model, "ndim", 2), channels_last=False)
-    results: list[dict | None] = [None] * len(files)
-    good: list[tuple[int, np.ndarray]] = []
-    for i, f in enumerate(files):
-        try:
-            good.append((i, decode(f)))
-        except DataError as e:
-            results[i] = {"file": f, "error": str(e)}
-    for start in range(0, len(good), batch_size):
-        chunk = good[start:start + batch_size]
-        x = torch.from_numpy(np.stack([a for _, a in chunk])).to(dev)
-        with torch.no_grad(), prec.autocast():
-            inp, _ = pipeline(x, None, train=False)
-            prob = model(inp).float().softmax(1).cpu()
-        p, idx = prob.topk(k, dim=1)
-        for row, (i, _) in enumerate(chunk):
-            results[i] = {"file": files[i], "top_k": [{"label": meta["classes"][j], "prob": round(float(q), 6)}
-                                                     for q, j in zip(p[row].tolist(), idx[row].tolist())]}
-    return results
+
+    def logits(batch: np.ndarray) -> torch.Tensor:
+        return forward_logits(model, pipeline, torch.from_numpy(batch).to(dev), prec)
+
+    return predict_files(files, decode, logits, meta["classes"], top_k=top_k, batch_size=batch_size)
 
 
 def _finetune_model(cfg, prepared: PreparedData, pipeline: Pipeline, cw, log):

@@ -8,11 +8,13 @@ normalisation -> SpecAugment masks -> layout. Evaluation: features -> normalisat
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from resnetlab.data import audio_augment as aug
 from resnetlab.data.audio import INT16_SCALE
@@ -153,6 +155,12 @@ class AudioPipeline(Pipeline):
             self._noise_bank = self._noise_bank.to(device)
         return self
 
+    def eval_transform(self) -> AudioEvalTransform:
+        if self.normalize == "global" and self.mean is None:
+            raise ValueError("the audio pipeline normalises with global statistics but has none (mean/std unset)")
+        return AudioEvalTransform(copy.deepcopy(self.frontend), self.normalize, self.mean, self.std,
+                                  self.layout).eval()
+
     # --- beyond the protocol -----------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -233,16 +241,42 @@ class AudioPipeline(Pipeline):
         return wave
 
     def _normalized(self, feats: torch.Tensor) -> torch.Tensor:
-        if self.normalize == "utterance":
-            mean = feats.mean(dim=(1, 2), keepdim=True)
-            std = feats.std(dim=(1, 2), keepdim=True)
-            return (feats - mean) / (std + _EPS)
-        if self.normalize == "global":
-            if self.mean is None:
-                raise RuntimeError("normalize='global' needs mean and std: call fit_normalization() on a sample "
-                                   "of the training set first (or pass mean= and std=)")
-            return (feats - self.mean) / self.std
-        return feats
+        if self.normalize == "global" and self.mean is None:
+            raise RuntimeError("normalize='global' needs mean and std: call fit_normalization() on a sample "
+                               "of the training set first (or pass mean= and std=)")
+        return normalize_features(feats, self.normalize, self.mean, self.std)
+
+
+def normalize_features(feats: torch.Tensor, mode: str, mean: float | None, std: float | None) -> torch.Tensor:
+    """Features ``(N, F, frames)`` normalised as ``AudioPipeline(normalize=mode)`` says: the one definition, in
+    training, evaluation and exported graphs. ``"utterance"``: each example by its own mean and std;
+    ``"global"``: by the fixed ``mean`` and ``std``; ``"none"``: unchanged."""
+    if mode == "utterance":
+        m = feats.mean(dim=(1, 2), keepdim=True)
+        s = feats.std(dim=(1, 2), keepdim=True)
+        return (feats - m) / (s + _EPS)
+    if mode == "global":
+        return (feats - mean) / std
+    return feats
+
+
+class AudioEvalTransform(nn.Module):
+    """Waves -> features -> normalisation -> layout, un-augmented (see ``Pipeline.eval_transform``). Takes int16
+    waves (as cached) or float waves in [-1, 1) (as exported graphs do), ``(N, num_samples)``."""
+
+    def __init__(self, frontend: nn.Module, normalize: str, mean: float | None, std: float | None, layout: str):
+        super().__init__()
+        self.frontend = frontend
+        self.normalize, self.layout_2d = normalize, layout == "2d"
+        self.feat_mean = float(mean) if mean is not None else 0.0
+        self.feat_std = float(std) if std is not None else 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # No autocast guard here (AudioPipeline.__call__ has one): exporters trace this module, and callers that
+        # run a network under autocast run this transform outside it (deploy.predictor).
+        wave = x.float() / INT16_SCALE if x.dtype == torch.int16 else x.float()
+        feats = normalize_features(self.frontend(wave), self.normalize, self.feat_mean, self.feat_std)
+        return feats[:, None] if self.layout_2d else feats
 
 
 def _no_autocast(device: torch.device):

@@ -6,11 +6,31 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from resnetlab.data.augment import alternating_flip, cutout, mix, random_crop, random_flip, random_resized_crop
 from resnetlab.data.pipeline_base import Pipeline, register_pipeline
 
 FLIP_MODES = ("random", "alternate")
+
+
+def normalize_images(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (or [0, 1] float) images ``(N, C, H, W)`` -> ``(x / 255 - mean) / std``, with ``mean``/``std`` of shape
+    ``(1, C, 1, 1)``: the one definition of the image normalisation, in training, evaluation and exported graphs."""
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    return (x - mean.to(x.device)) / std.to(x.device)
+
+
+class ImageEvalTransform(nn.Module):
+    """:func:`normalize_images` with the pipeline's mean and std as buffers (see ``Pipeline.eval_transform``)."""
+
+    def __init__(self, mean: list[float], std: list[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return normalize_images(x, self.mean, self.std)
 
 
 @register_pipeline("image")
@@ -68,10 +88,11 @@ class ImagePipeline(Pipeline):
         return self
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 (or [0, 1] float) images -> normalised float."""
-        if x.dtype == torch.uint8:
-            x = x.float().div_(255)
-        return (x - self._mean_t.to(x.device)) / self._std_t.to(x.device)
+        """uint8 (or [0, 1] float) images -> normalised float (:func:`normalize_images`)."""
+        return normalize_images(x, self._mean_t, self._std_t)
+
+    def eval_transform(self) -> ImageEvalTransform:
+        return ImageEvalTransform(self.mean, self.std).to(self._mean_t.device)
 
     def __call__(self, x, y, train, generator=None, index=None, epoch=0):
         x = x.float().div_(255)

@@ -40,6 +40,12 @@ class Pipeline:
         """Move any tensors the pipeline holds (filterbanks, noise clips) to ``device``."""
         return self
 
+    def eval_transform(self) -> torch.nn.Module:
+        """The eval-time transform (``self(x, None, train=False)``) as a standalone, exportable module over a copy
+        of the pipeline's state: decoded input in (uint8 images; int16 or float waves in [-1, 1)), network input
+        out. The exported graph and the deployed predictor run exactly this module."""
+        raise NotImplementedError(f"{type(self).__name__} has no eval_transform(): it cannot be exported")
+
     def set_train_scale(self, scale: float, min_side: int = 8) -> None:
         """Progressive resizing: training batches at ``scale`` (<= 1) of the full input size from now on, never
         below ``min_side`` pixels (the smallest input the model takes).

@@ -37,6 +37,8 @@ from torch import nn
 
 from resnetlab.fileio import atomic_write
 from resnetlab.models.convert import check_safe_unpickling
+from resnetlab.training.inference import forward_logits
+from resnetlab.training.precision import Precision
 
 FORMATS = ("onnx", "torchscript", "torch-export")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "torch-export": ".pt2"}
@@ -58,32 +60,12 @@ class InferenceModel(nn.Module):
         super().__init__()
         self.model = model
         self.modality = pipeline.modality
-        if self.modality == "image":
-            self.register_buffer("mean", torch.tensor(pipeline.mean, dtype=torch.float32).view(1, -1, 1, 1))
-            self.register_buffer("std", torch.tensor(pipeline.std, dtype=torch.float32).view(1, -1, 1, 1))
-            return
-        import copy
-
-        self.frontend = copy.deepcopy(pipeline.frontend)
-        self.normalize, self.layout_2d = pipeline.normalize, pipeline.layout == "2d"
-        if self.normalize == "global" and pipeline.mean is None:
-            raise ValueError("the audio pipeline normalises with global statistics but has none (mean/std unset)")
-        self.feat_mean = float(pipeline.mean) if pipeline.mean is not None else 0.0
-        self.feat_std = float(pipeline.std) if pipeline.std is not None else 1.0
+        self.transform = pipeline.eval_transform()  # the pipeline's own eval-time code, not a copy of it
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """Decoded input -> the network's float input, as ``Pipeline(x, None, train=False)`` computes it."""
-        if self.modality == "image":
-            x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-            return (x - self.mean) / self.std
-        feats = self.frontend(x.float())
-        if self.normalize == "utterance":  # the same expression as AudioPipeline._normalized, in the graph
-            mean = feats.mean(dim=(1, 2), keepdim=True)
-            std = feats.std(dim=(1, 2), keepdim=True)
-            feats = (feats - mean) / (std + 1e-5)
-        elif self.normalize == "global":
-            feats = (feats - self.feat_mean) / self.feat_std
-        return feats[:, None] if self.layout_2d else feats
+        """Decoded input -> the network's float input: ``pipeline.eval_transform()``, which computes what
+        ``Pipeline(x, None, train=False)`` does."""
+        return self.transform(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self.preprocess(x))
@@ -207,7 +189,7 @@ def export_model(run_or_checkpoint: str | os.PathLike, fmt: str = "onnx", out: s
         _export_program(module, x, path, info, dynamic_batch)
     diff, note = None, "not checked"
     if check:
-        diff, note = check_export(path, module, meta["pipeline"], dynamic_batch)
+        diff, note = check_export(path, model, pipeline, meta["pipeline"], dynamic_batch)
     return ExportResult(path, info, diff, note)
 
 
@@ -340,9 +322,13 @@ class ExportedModel:
             return self.module(t).float().numpy()
 
 
-def check_export(path: Path, module: nn.Module, pipeline_cfg: dict, dynamic_batch: bool) -> tuple[float | None, str]:
-    """Max absolute logit difference between the exported file and eager ``module`` on a fresh random input
-    (batch 3 when the batch axis is dynamic, else 1)."""
+def check_export(path: Path, model: nn.Module, pipeline, pipeline_cfg: dict, dynamic_batch: bool
+                 ) -> tuple[float | None, str]:
+    """Max absolute logit difference between the exported file and eager PyTorch fp32 on a fresh random input
+    (batch 3 when the batch axis is dynamic, else 1). The reference is what ``predict`` and ``evaluate`` compute
+    (:func:`resnetlab.training.inference.forward_logits`: the pipeline itself, then the model), so the check
+    covers the exported preprocessing too."""
+
     if export_format_of(path) == "onnx":
         try:
             import onnxruntime  # noqa: F401
@@ -350,8 +336,7 @@ def check_export(path: Path, module: nn.Module, pipeline_cfg: dict, dynamic_batc
             return None, "not checked: onnxruntime is not installed (pip install 'resnetlab[export]')"
     batch = 3 if dynamic_batch else 1
     x = example_input(pipeline_cfg, batch, seed=1)
-    with torch.no_grad():
-        ref = module(x).numpy()
+    ref = forward_logits(model, pipeline, x, Precision(torch.device("cpu"), None, False)).numpy()
     got = ExportedModel(path)(x)
     if got.shape != ref.shape:
         raise RuntimeError(f"exported model returned shape {got.shape}, eager PyTorch {ref.shape}")

@@ -24,7 +24,6 @@ Backends (``backend=``), all fed the same decoded input (uint8 images, float wav
 
 from __future__ import annotations
 
-import concurrent.futures
 import copy
 import hashlib
 import json
@@ -38,6 +37,7 @@ import torch
 
 from resnetlab.data.errors import DataError
 from resnetlab.deploy.export import InferenceModel, inference_model
+from resnetlab.training.inference import predict_files, top_k_labels
 
 BACKENDS = ("auto", "eager", "bf16", "onnxruntime")
 
@@ -234,39 +234,17 @@ class Predictor:
 
     def top_k(self, probs: torch.Tensor, k: int = 5) -> list[list[dict]]:
         """``[[{"label", "prob"}, ...] per row]`` for probabilities ``(N, num_classes)``."""
-        if k < 1:
-            raise ValueError(f"top_k must be >= 1, got {k}")
-        p, idx = probs.topk(min(k, self.num_classes), dim=1)
-        return [[{"label": self.classes[j], "prob": round(float(q), 6)} for q, j in zip(pr, ir)]
-                for pr, ir in zip(p.tolist(), idx.tolist())]
+        return top_k_labels(probs, self.classes, k)
 
     def predict_files(self, inputs, *, top_k: int = 5, batch_size: int = 64, workers: int = 4) -> list[dict]:
         """``resnetlab.api.predict``'s result for files or folders: ``{"file", "top_k"}`` per readable file,
-        ``{"file", "error"}`` per unreadable one. Files are decoded by ``workers`` threads."""
+        ``{"file", "error"}`` per unreadable one (:func:`resnetlab.training.inference.predict_files`, this
+        predictor's backend computing the logits). Files are decoded by ``workers`` threads."""
         from resnetlab.data.layout import list_input_files
 
-        if top_k < 1:
-            raise ValueError(f"--top-k must be >= 1, got {top_k}")
         files = list_input_files([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs))
-
-        def decode(f):
-            try:
-                return self.decode_file(f), None
-            except DataError as e:
-                return None, str(e)
-
-        results: list[dict] = []
-        with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-            for start in range(0, len(files), batch_size):
-                chunk = files[start:start + batch_size]
-                decoded = list(pool.map(decode, chunk))
-                good = [i for i, (a, _) in enumerate(decoded) if a is not None]
-                tops = self.top_k(self.probabilities([decoded[i][0] for i in good]), top_k) if good else []
-                by_row = dict(zip(good, tops))
-                for i, f in enumerate(chunk):
-                    results.append({"file": f, "top_k": by_row[i]} if i in by_row else
-                                   {"file": f, "error": decoded[i][1]})
-        return results
+        return predict_files(files, self.decode_file, self.logits, self.classes, top_k=top_k,
+                             batch_size=batch_size, workers=workers)
 
     # --- uploads ---------------------------------------------------------------------------------------
 
