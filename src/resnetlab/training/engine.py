@@ -17,8 +17,10 @@ import contextlib
 import inspect
 import json
 import math
+import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +45,7 @@ class TrainingDiverged(RuntimeError):
 
 
 class _StopRequested(KeyboardInterrupt):
-    """SIGTERM (or, under torchrun, SIGINT) seen by some rank, agreed on by all at an optimizer-step boundary."""
+    """SIGTERM or Ctrl-C (SIGINT) seen by some rank, agreed on by all at an optimizer-step boundary."""
 
 
 @dataclass
@@ -150,6 +152,14 @@ class Trainer:
         self._phase_index = -1
         self.opt: torch.optim.Optimizer | None = None
         self._stop_requested = False
+        # whether the counters, weights, optimizer, RNG states and epoch sums describe one moment (between two
+        # optimizer steps, or while an epoch's end is validated): only then can a KeyboardInterrupt save them
+        self._consistent = True
+        self._pending_best: nn.Module | None = None  # checkpoints/best to write right after checkpoints/last
+        self.best_source = "model"  # which weights checkpoints/best holds: "model" or "ema"
+        # the budget's clock: this session's start, the seconds spent before it, and the latest value written to
+        # checkpoints/clock.json (see _save_clock)
+        self._t_start, self._clock_base, self._clock_saved = 0.0, 0.0, 0.0  # (set by fit)
         # (loss sum, correct, samples) of the batches done so far in this epoch; checkpointed, so the epoch's
         # train_loss / train_acc after a mid-epoch resume cover the whole epoch, not only the resumed part
         self.epoch_sums = (0.0, 0.0, 0.0)
@@ -204,7 +214,7 @@ class Trainer:
         return {**self.meta, "pipeline": self.pipeline.config(), "epoch": self.epoch, "step": self.step,
                 "batch_in_epoch": self.batch_in_epoch, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
                 "phase": self._phase_index, "precision": self.prec.name, "epoch_sums": list(self.epoch_sums),
-                "clock": self.clock, "warmup_end": self.warmup_end}
+                "clock": self.clock, "warmup_end": self.warmup_end, "best_source": self.best_source}
 
     def _model_tensors(self, model: nn.Module, prefix: str = "model.") -> dict[str, torch.Tensor]:
         return {prefix + k: v for k, v in ckpt.unwrap(model).state_dict().items()}
@@ -240,8 +250,10 @@ class Trainer:
         rng = distributed.all_gather_object(self._rng_state()) if self.distributed else [self._rng_state()]
         if not self.is_main:
             self._saved_step, self._last_saved = self.step, self._position()
+            self._pending_best = None
             distributed.barrier()
             return
+        self._save_clock(force=True)
         tensors = self._model_tensors(self.model)
         meta = self._meta()
         if self.ema is not None:
@@ -260,6 +272,11 @@ class Trainer:
         meta["world_size"] = len(rng)
         ckpt.save_checkpoint(self.run_dir / "checkpoints" / "last.safetensors", tensors, meta)
         self._saved_step, self._last_saved = self.step, self._position()
+        # best after last, so that best's record is never ahead of last's: a run killed between the two writes
+        # has last saying which epoch is best, and its resume rebuilds best from last's weights (_repair_best)
+        if self._pending_best is not None:
+            self.save_best(self._pending_best)
+            self._pending_best = None
         distributed.barrier()
 
     def save_best(self, model: nn.Module) -> None:
@@ -267,12 +284,63 @@ class Trainer:
             ckpt.save_checkpoint(self.run_dir / "checkpoints" / "best.safetensors", self._model_tensors(model),
                                  self._meta(), keep_previous=False)
 
+    def _repair_best(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """``checkpoints/best`` from last's weights when it is behind last's record of the best epoch (a run killed
+        between writing last and best): what the uninterrupted run wrote, since best is written right after last
+        from the same weights (``best_source``: the model's or the EMA's)."""
+        if not self.is_main or self.best_epoch < 0 or meta.get("best_source") not in ("model", "ema"):
+            return
+        path = self.run_dir / "checkpoints" / "best.safetensors"
+        try:
+            _, best_meta = ckpt.read_checkpoint(path, prefixes=())  # the header only
+            if int(best_meta.get("best_epoch", -1)) >= self.best_epoch:
+                return
+        except (ckpt.CheckpointError, ValueError, TypeError):
+            pass  # missing or unreadable: rebuilt
+        weights = ckpt.strip_prefix(tensors, meta["best_source"] + ".")
+        if not weights:
+            return
+        record = {k: v for k, v in meta.items() if k not in ("history", "optimizer", "world_size")}
+        ckpt.save_checkpoint(path, {"model." + k: v for k, v in weights.items()}, record, keep_previous=False)
+        self.log(f"checkpoints/best rebuilt from {path.parent / 'last.safetensors'} (epoch {self.best_epoch}): "
+                 "the run had stopped between writing the two")
+
+    def _save_clock(self, force: bool = False) -> None:
+        """Under a time budget, rank 0 writes the seconds spent so far to ``checkpoints/clock.json`` at most every
+        ``CLOCK_SAVE_EVERY_S`` (and at every save of last), so a run killed between checkpoints resumes with the
+        time it spent, not with its last checkpoint's."""
+        if not self.is_main or self.budget_s <= 0:
+            return
+        now = self._own_clock() if force else self.clock
+        if force or now - self._clock_saved >= CLOCK_SAVE_EVERY_S:
+            atomic_write(self.run_dir / "checkpoints" / CLOCK_FILE, json.dumps({"clock": now, "step": self.step}))
+            self._clock_saved = now
+
+    def _saved_clock(self) -> float:
+        """The seconds in ``checkpoints/clock.json`` (0 when it is missing or unreadable)."""
+        try:
+            return float(json.loads((self.run_dir / "checkpoints" / CLOCK_FILE).read_text())["clock"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0.0
+
+    def _own_clock(self) -> float:
+        """What this process adds to the all-reduce of the clock: the budget's seconds so far on rank 0 (this run's
+        earlier sessions included), 0 on the others."""
+        return self._clock_base + time.perf_counter() - self._t_start if self.rank == 0 else 0.0
+
     def resume(self) -> bool:
         """Restore model, optimizer, EMA, RNG states and counters from ``checkpoints/last``."""
         path = self.run_dir / "checkpoints" / "last.safetensors"
         if not path.exists() and not ckpt.previous_path(path).exists():
             return False
         tensors, meta, used = ckpt.read_latest(path, log=self.log)
+        saved_world, world = int(meta.get("world_size", 0)), distributed.world_size()
+        if saved_world and saved_world != world:
+            # each rank's share of an epoch, the batch position inside it and the global batch all depend on the
+            # number of processes: the run would not continue its own schedule on other samples
+            raise ValueError(f"cannot resume {self.run_dir} with {world} process{'es' if world > 1 else ''}: its "
+                             f"checkpoint was written by {saved_world}; resume it with {saved_world} "
+                             f"(torchrun --nproc-per-node), or start a new run")
         ckpt.load_weights(ckpt.unwrap(self.model), ckpt.strip_prefix(tensors, "model."), used)
         if self.ema is not None and any(k.startswith("ema.") for k in tensors):
             self.ema.module.load_state_dict(ckpt.strip_prefix(tensors, "ema."))
@@ -286,7 +354,9 @@ class Trainer:
         self.batch_in_epoch = int(meta.get("batch_in_epoch", 0))
         self.best_acc, self.best_epoch = float(meta["best_acc"]), int(meta["best_epoch"])
         self.history = list(meta.get("history", []))
-        self.clock = float(meta.get("clock", 0.0))
+        # the time spent up to the kill, when clock.json has more than the checkpoint (a kill between checkpoints)
+        self.clock = max(float(meta.get("clock", 0.0)), self._saved_clock() if self.budget_s > 0 else 0.0)
+        self.best_source = meta.get("best_source", "model")
         if meta.get("warmup_end"):
             start_s, steps, *peak = meta["warmup_end"]
             self.warmup_end = (float(start_s), int(steps), float(peak[0]) if peak else 1.0)
@@ -300,7 +370,7 @@ class Trainer:
                 for g in self.opt.param_groups:  # a checkpoint from before fused optimizers would switch it off
                     g["fused"] = self.opt.defaults.get("fused")
         prefix = "rng." if self.rank == 0 else f"rng.rank{self.rank}."
-        if prefix + "aug" in tensors:  # absent when a run resumes with more processes: fresh seeded streams
+        if prefix + "aug" in tensors:  # absent in checkpoints from before they were saved
             torch.set_rng_state(tensors[prefix + "torch"])
             self.aug_gen.set_state(tensors[prefix + "aug"])
             if prefix + "cuda" in tensors and self.prec.device.type == "cuda":
@@ -310,6 +380,7 @@ class Trainer:
             kept = [ln for ln in norms.read_text().splitlines() if 0 <= _step_of(ln) < self.step]
             atomic_write(norms, "".join(ln + "\n" for ln in kept))
         self._saved_step, self._last_saved = self.step, self._position()
+        self._repair_best(tensors, meta)
         self.log(f"resumed from {used} at epoch {self.epoch + 1}, batch {self.batch_in_epoch}")
         return True
 
@@ -329,6 +400,7 @@ class Trainer:
         """Forward and backward of one batch, then the optimizer step if the batch ends its accumulation group
         (always without accumulation). ``sample_index``: the batch's positions in the dataset, for the pipeline's
         per-sample augmentations. Returns this rank's ``(loss x samples, correct, samples)``."""
+        self._consistent = False  # from here until the group's counters and sums are updated (fit)
         index, size = self._accum
         final = index == size - 1
         per_sample = {"index": sample_index, "epoch": self.epoch} if self._per_sample else {}
@@ -435,6 +507,12 @@ class Trainer:
 
         ``checkpoints/last`` is saved at the end of every epoch, every ``cfg.checkpoint_every`` batches and on
         SIGTERM / Ctrl-C; a run killed outright resumes from the latest one (``cfg.resume``) as if uninterrupted.
+
+        SIGTERM and Ctrl-C (SIGINT) are deferred: the optimizer step in flight (its whole accumulation group)
+        completes and is counted, then ``last`` is saved and ``fit`` returns ``interrupted``. In a single process a
+        second Ctrl-C stops at once: ``last`` is saved if that moment lies between two steps (e.g. during
+        validation), else the latest ``last`` is kept, which the resumed run continues from exactly. (Under
+        torchrun a rank can get each Ctrl-C twice, from the terminal and from torchrun: there it never escalates.)
         """
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -450,17 +528,15 @@ class Trainer:
                      f"by {RESIZE_RAMP:.0%} of the run" if now != full else
                      f"progressive resizing has no effect: {full[0]}x{full[1]} px images cannot shrink below "
                      f"{max(8, self.min_side)} px")
-        t_start = time.perf_counter()
-        clock_base = self.clock  # the budget's seconds spent before this session (a resumed run)
-
-        def own_clock() -> float:  # what this process adds to the all-reduce of the clock: rank 0's time only
-            return clock_base + time.perf_counter() - t_start if self.rank == 0 else 0.0
+        t_start = self._t_start = time.perf_counter()
+        self._clock_base = self._clock_saved = self.clock  # the budget's seconds spent before this session
+        own_clock = self._own_clock
         interrupted = False
         old_handlers = {}
-        if self.is_main or self.distributed:
+        if (self.is_main or self.distributed) and threading.current_thread() is threading.main_thread():
             # under torchrun Ctrl-C reaches every rank: stop them all at the same step boundary, then save
-            for sig in (signal.SIGTERM, signal.SIGINT) if self.distributed else (signal.SIGTERM,):
-                old_handlers[sig] = signal.signal(sig, self._on_sigterm)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                old_handlers[sig] = signal.signal(sig, self._on_signal)
         # Bars on a terminal; in logs and pipes (or --quiet) one line per epoch instead.
         bars = not self.cfg.quiet and self.is_main and sys.stderr.isatty()
         shown_total = None if self.budget_s else self.total_epochs  # a budget run ends on time, not at a count
@@ -468,6 +544,8 @@ class Trainer:
                          disable=not bars, dynamic_ncols=True, leave=True)
         try:
             while self.epoch < self.total_epochs:
+                if self._stop_requested and not self.distributed:  # seen during the last validation or save
+                    raise _StopRequested
                 if self.budget_s > 0 and self.step > 0 and not self.batch_in_epoch:
                     # the last validation may have spent the rest: no new epoch of one batch at lr 0. (A run always
                     # trains a batch; an epoch cut by the budget, or by Ctrl-C after it, is always validated.)
@@ -475,7 +553,9 @@ class Trainer:
                     if self._budget_spent():
                         last = self.history[-1] if self.history else {"best_acc": None}
                         if "best_acc" not in last:  # --val-every skipped the epoch that turned out to be the last
+                            self._consistent = False  # the record and best change: the previous last stands
                             self._keep_best(last, self._validation_candidates(last))
+                            self._consistent = True
                             self.save_last()
                             if self.is_main:
                                 self._write_metrics()
@@ -492,7 +572,8 @@ class Trainer:
                 seen_before = seen  # samples of this epoch trained before a resume: not in this session's time
                 # the lr of the epoch's latest step: what the record shows when a run interrupted after the last
                 # batch (during validation) resumes with no batch left to train
-                last_step = (self.epoch - phase_start) * self.steps_per_epoch + max(self.batch_in_epoch - 1, 0)
+                last_b = max(self.batch_in_epoch - 1, 0)  # (a group's lr is that of its first batch)
+                last_step = (self.epoch - phase_start) * self.steps_per_epoch + last_b - last_b % self.cfg.accum_steps
                 lr = self.base_lr * self._lr_factor(last_step, phase_steps, warmup)
                 bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch, leave=False, unit="batch",
                            desc=f"epoch {self.epoch + 1}" + (f"/{shown_total}" if shown_total else ""),
@@ -528,6 +609,8 @@ class Trainer:
                     self.clock = totals[4]
                     loss_sum, correct, seen = loss_sum + totals[0], correct + totals[1], seen + totals[2]
                     self.epoch_sums = (loss_sum, correct, seen)
+                    self._consistent = True  # the step and its group are counted: a save here resumes exactly
+                    self._save_clock()
                     elapsed = time.perf_counter() - t0
                     bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
                                     lr=f"{lr:.3g}", ips=f"{(seen - seen_before) / max(elapsed, 1e-9):.0f}/s")
@@ -550,12 +633,12 @@ class Trainer:
                     self.log(_epoch_line(record, shown_total))
         except KeyboardInterrupt as e:
             interrupted = True
-            if self.distributed and not isinstance(e, _StopRequested):  # ranks stopped at different points
-                self.log(f"\ninterrupted at epoch {self.epoch + 1}: checkpoints/last ({self._last_saved}) is kept")
-            else:
+            if isinstance(e, _StopRequested) or (self._consistent and not self.distributed):
                 self.log(f"\ninterrupted at epoch {self.epoch + 1}, batch {self.batch_in_epoch}: "
                          "saving checkpoints/last")
                 self.save_last()
+            else:  # inside a step (a second Ctrl-C), or ranks stopped at different points: saving would mix states
+                self.log(f"\ninterrupted inside a step at epoch {self.epoch + 1}: {self._kept()}")
         finally:
             epoch_bar.close()
             for sig, handler in old_handlers.items():
@@ -563,7 +646,15 @@ class Trainer:
         return FitResult(self.run_dir, self.best_acc, self.best_epoch, self.epoch,
                          time.perf_counter() - t_start, interrupted, self.history)
 
-    def _on_sigterm(self, signum, frame) -> None:
+    def _on_signal(self, signum, frame) -> None:
+        """SIGTERM / SIGINT: ask the loop to stop at the next step boundary; a second Ctrl-C in a single process
+        stops at once (see ``fit``)."""
+        if signum == signal.SIGINT and self._stop_requested and not self.distributed:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT and self.is_main and not self._stop_requested:
+            with contextlib.suppress(OSError):  # os.write: print() may be in the middle of a write of its own
+                os.write(sys.stderr.fileno(), b"\nCtrl-C: stopping after this step and saving checkpoints/last "
+                                              b"(Ctrl-C again: stop at once)\n")
         self._stop_requested = True
 
     def _end_epoch(self, loss_sum: float, correct: float, seen: float, seconds: float, lr: float,
@@ -580,12 +671,14 @@ class Trainer:
                 distributed.broadcast_buffers(self.ema.module)
         # validated before the epoch counts as done: Ctrl-C during validation resumes into it
         candidates = self._validation_candidates(record) if self._validates_now() else []
+        self._consistent = False
         self.epoch += 1
         self.batch_in_epoch = 0
         self.epoch_sums = (0.0, 0.0, 0.0)
         self.history.append(record)
         if candidates:
             self._keep_best(record, candidates)
+        self._consistent = True
         self.save_last()
         if self.is_main:
             self._write_metrics()
@@ -609,11 +702,13 @@ class Trainer:
         return candidates
 
     def _keep_best(self, record: dict, candidates: list[tuple[float, nn.Module]]) -> None:
-        """Save the best of ``candidates`` as ``checkpoints/best`` if it beats every earlier epoch."""
+        """Keep the best of ``candidates`` as ``checkpoints/best`` if it beats every earlier epoch (written by the
+        next ``save_last``, after last)."""
         acc, model = max(candidates, key=lambda c: c[0])
         if acc > self.best_acc:
             self.best_acc, self.best_epoch = acc, self.epoch
-            self.save_best(model)
+            self.best_source = "ema" if self.ema is not None and model is self.ema.module else "model"
+            self._pending_best = model
         record["best_acc"] = self.best_acc
 
     def _validates_now(self) -> bool:
@@ -635,6 +730,8 @@ def _takes_sample_index(pipeline: Pipeline) -> bool:
     return {"index", "epoch"} <= params.keys() or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+CLOCK_FILE = "clock.json"  # in checkpoints/: the time budget's seconds spent, written more often than checkpoints
+CLOCK_SAVE_EVERY_S = 5.0  # at most this much of a budget's time is lost to a kill between checkpoints
 LOOKAHEAD_EVERY = 5  # optimizer steps between lookahead syncs (airbench)
 BUDGET_WARMUP_SHARE = 0.2  # a warm-up may take at most this share of a time budget
 RESIZE_RAMP = 0.75  # progressive resizing reaches the full size at this share of the run; the rest trains at it
