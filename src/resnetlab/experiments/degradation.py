@@ -23,7 +23,10 @@ def run_degradation(data: str = "builtin:digits", *, depths: tuple[int, int] = (
                     out: str | Path = "runs/degradation", log=print, **options) -> dict:
     """Train ``plain{d}`` and ``resnet{d}`` for both depths the same way; write comparison plots and a summary.
 
-    Returns ``{run_name: {"final_train_error", "best_val_error", "stem_grad_norm", "seconds"}}`` and writes
+    Returns ``{run_name: {"final_train_error", "best_val_error", "stem_grad_norm", "seconds"}}`` plus
+    ``"findings"``: ``plain_degrades`` (the deep plain net ends at a higher training error than the shallow one),
+    ``residual_beats_plain`` (the deep residual net lower than the deep plain one) and ``residual_improves`` (the
+    deep residual net at most the shallow one's; the paper's, which takes far longer training to show), and writes
     ``OUT/summary.json``, ``OUT/train_error.png``, ``OUT/val_error.png``, ``OUT/grad_norms_stem.png``.
     """
     from resnetlab.api import train
@@ -71,9 +74,11 @@ def run_degradation(data: str = "builtin:digits", *, depths: tuple[int, int] = (
     shallow, deep = depths
     err = {name: s["final_train_error"] for name, s in summary.items()}
     summary["findings"] = {"plain_degrades": err[f"plain{deep}"] > err[f"plain{shallow}"],
+                           "residual_beats_plain": err[f"resnet{deep}"] < err[f"plain{deep}"],
                            "residual_improves": err[f"resnet{deep}"] <= err[f"resnet{shallow}"]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     log(f"plain{deep} trains worse than plain{shallow}: {summary['findings']['plain_degrades']}; "
+        f"resnet{deep} better than plain{deep}: {summary['findings']['residual_beats_plain']}; "
         f"resnet{deep} at least as well as resnet{shallow}: {summary['findings']['residual_improves']}; "
         f"plots in {out}")
     return summary
