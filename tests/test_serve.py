@@ -385,6 +385,11 @@ def test_chunked_uploads_are_refused_and_close(image_server):
     assert [a[0] for a in answers] == [411] and answers[0][1]["connection"] == "close"
 
 
+def test_http_09_gets_a_400_with_a_status_line_without_waiting_for_headers(image_server):
+    answers = responses(raw(image_server, b"GET /\r\n", shut=False))
+    assert [a[0] for a in answers] == [400] and "HTTP/0.9" in json.loads(answers[0][2])["error"]
+
+
 def _stall(server, n: int) -> list[socket.socket]:
     """``n`` connections that send the start of a request and then nothing."""
     socks = []
@@ -458,12 +463,15 @@ def test_the_deadline_holds_for_the_whole_request(image_server):
     assert answer == b"" or responses(answer)[0][0] == 408
 
 
-def test_a_stalled_body_gets_408_at_the_deadline(image_server):
+def test_stalled_headers_or_body_get_408_at_the_deadline(image_server):
     server, thread = running(image_server.predictor, request_deadline=1.0)
     try:
         answer = raw(server, request_bytes(server, "POST", "/predict", b"", [("Content-Length", "100")]),
                      shut=False)
         assert [a[0] for a in responses(answer)] == [408]
+        answer = raw(server, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n", shut=False)
+        assert [a[0] for a in responses(answer)] == [408]
+        assert raw(server, b"", shut=False) == b""  # an idle connection is closed without a word
     finally:
         stop(server, thread)
 
@@ -531,7 +539,7 @@ def test_host_must_name_this_server(strict_server, host, status):
     answers = responses(raw(strict_server, data))
     assert [a[0] for a in answers] == [status]
     if status != 200:
-        assert b"<html" not in answers[0][2].lower()
+        assert b"<html" not in answers[0][2].lower() and answers[0][1]["connection"] == "close"
 
 
 @pytest.mark.parametrize("origin,status", [

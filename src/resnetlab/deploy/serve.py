@@ -326,7 +326,16 @@ class Handler(BaseHTTPRequestHandler):
         # closed after the same time.
         self.deadline = time.monotonic() + self.server.limits.request_deadline
         self.content_length, self._body_pending, self._gated, self._responded = None, False, False, False
-        super().handle_one_request()
+        self.raw_requestline = b""
+        super().handle_one_request()  # closes the connection on a TimeoutError, without an answer
+        if self.raw_requestline and not self._responded and time.monotonic() >= self.deadline:
+            # the deadline passed while the headers trickled in: say so before closing (an idle connection,
+            # with no request line, is closed without a word)
+            try:
+                self.command, self.request_version = "", "HTTP/1.1"
+                self.send_error(408, f"the request did not arrive within {self.server.limits.request_deadline:g} s")
+            except OSError:
+                pass
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
         if self.server.verbose:
@@ -339,6 +348,11 @@ class Handler(BaseHTTPRequestHandler):
         if len(self.raw_requestline) > limit:
             self.command, self.request_version, self.requestline = "", "", ""
             self.send_error(414, f"request line longer than {limit:,} bytes")
+            return False
+        if len(self.raw_requestline.split()) == 2:  # refused before the stdlib waits for headers it would ignore
+            self.command, self.request_version = "", "HTTP/1.0"
+            self.requestline = self.raw_requestline.decode("latin-1").rstrip("\r\n")
+            self.send_error(400, "HTTP/0.9 requests are not served; send HTTP/1.0 or HTTP/1.1")
             return False
         plain = self.rfile
         self.rfile = _HeaderBudget(plain, limit - len(self.raw_requestline), limit)
@@ -360,6 +374,7 @@ class Handler(BaseHTTPRequestHandler):
             self._check_framing()
             self._check_host_and_origin()
         except RequestError as e:
+            self.close_connection = True  # a refused client gets no second try on this connection
             self._error(e)
             return False
         return True
