@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 
 import pytest
 import torch
@@ -385,6 +386,66 @@ def test_keras_resnet50_parity(fmt, keras_resnet50):
     assert "eps set to 1.001e-05" in str(report) and "RGB" in str(report)
     with torch.no_grad():
         assert_logits_close(model.eval()(x), ref)
+
+
+def test_a_zip_bomb_keras_member_is_refused_from_its_header(tmp_path, monkeypatch):
+    """Before: the member was read whole with ZipFile.read, however large it declared itself."""
+    from resnetlab.models import convert_keras
+
+    pytest.importorskip("h5py")
+    path = tmp_path / "bomb.keras"
+    path.write_bytes(hostile_files.keras_zip_bomb(8 << 20))  # 8 MiB of zeros in about 8 KB
+    monkeypatch.setattr(convert_keras, "_RATIO_CHECK_BYTES", 1 << 20)
+    reads = []
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", lambda *a, **k: reads.append(a) or b"")
+    with pytest.raises(ValueError, match=r"bomb.keras: archive member model.weights.h5 inflates [\d,]+ bytes to "
+                                         r"8,388,608 \(more than 100x\): a zip bomb") as err:
+        read_pretrained(path)
+    monkeypatch.setattr(convert_keras, "MAX_KERAS_BYTES", 4 << 20)
+    with pytest.raises(ValueError, match="declares 8,388,608 bytes, more than 4,194,304"):
+        read_pretrained(path)
+    assert "\n" not in str(err.value) and not reads
+
+
+def test_a_keras_member_that_lies_about_its_size_is_refused(tmp_path):
+    pytest.importorskip("h5py")
+    path = tmp_path / "liar.keras"
+    path.write_bytes(hostile_files.keras_lying_zip(4 << 20, declared=1000))
+    with pytest.raises(ValueError, match="liar.keras: corrupt archive member model.weights.h5 .*CRC"):
+        read_pretrained(path)
+
+
+@pytest.mark.timeout(30)  # before, the soft-link cycle made the layer search loop forever
+@pytest.mark.parametrize("kind", ["external", "soft-cycle", "hard-cycle", "huge-dataset", "external-storage"])
+def test_h5_files_that_reach_outside_or_loop_are_refused(tmp_path, kind):
+    h5py = pytest.importorskip("h5py")
+    import numpy as np
+
+    path = tmp_path / "evil.weights.h5"
+    if kind == "external":
+        with h5py.File(tmp_path / "other.h5", "w") as o:
+            o.create_dataset("conv2d/vars/0", data=np.zeros((7, 7, 3, 64), np.float32))
+        hostile_files.h5_external_link(path, str(tmp_path / "other.h5"))
+        expect = "HDF5 ExternalLink /layers to .*other.h5:/ refused"
+    elif kind == "soft-cycle":
+        hostile_files.h5_soft_link_cycle(path)
+        expect = "HDF5 SoftLink /layers/sub/loop to /layers refused"
+    elif kind == "hard-cycle":
+        with h5py.File(path, "w") as f:
+            f.create_group("layers/sub")
+            f["layers/sub/up"] = f["layers"]
+        expect = "HDF5 group /layers/sub/up is linked from more than one place"
+    elif kind == "huge-dataset":  # 4 TiB declared in a few KB: chunked, never written
+        with h5py.File(path, "w") as f:
+            f.create_dataset("layers/conv2d/vars/0", shape=(1 << 40,), dtype="f4", chunks=(1024,))
+        expect = "HDF5 arrays declare more than 2,147,483,648 bytes"
+    else:
+        with h5py.File(path, "w") as f:
+            f.create_dataset("layers/conv2d/vars/0", shape=(10,), dtype="f4", external=[(str(tmp_path / "raw"), 0, 40)])
+        expect = "HDF5 dataset /layers/conv2d/vars/0 keeps its data in other files"
+    with pytest.raises(ValueError, match=f"evil.weights.h5: {expect}") as err:
+        read_pretrained(path)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

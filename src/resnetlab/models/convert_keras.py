@@ -40,6 +40,14 @@ import torch
 from resnetlab.models.converted import ConvertedWeights, infer_resnet_kwargs, match_arch
 from resnetlab.models.weights import KERAS_BN_EPS, KERAS_CAFFE_MEAN, KERAS_CAFFE_STD
 
+# Limits on what a file may make this reader allocate. Real ResNet-50/101/152 weights are 100-240 MB in fp32.
+MAX_KERAS_BYTES = 2 << 30  # a .keras archive's weights member, and all arrays an HDF5 file declares together
+# A compressed .keras member larger than this must not inflate more than MAX_ZIP_RATIO-fold: float weights hardly
+# compress (about 1.1x), while deflate turns 1 MB into up to about 1 GB of zeros (a zip bomb).
+_RATIO_CHECK_BYTES = 64 << 20
+MAX_ZIP_RATIO = 100
+_READ_CHUNK = 1 << 20
+
 _CONV_VARS = ("kernel", "bias")
 _BN_VARS = ("gamma", "beta", "moving_mean", "moving_variance")
 _BN_TO_TORCH = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
@@ -51,6 +59,71 @@ def _import_h5py():
     except ImportError:  # pragma: no cover - depends on the environment
         raise ImportError("pip install h5py to read Keras .h5 files") from None
     return h5py
+
+
+def read_zip_member(path: Path, z: zipfile.ZipFile, name: str, limit: int | None = None) -> bytes:
+    """The bytes of archive member ``name``, refused before reading when its header declares more than ``limit``
+    (default ``MAX_KERAS_BYTES``) bytes or a zip-bomb ratio, and read in chunks that stop at the declared size (a
+    lying header is refused)."""
+    limit = MAX_KERAS_BYTES if limit is None else limit
+    info = z.getinfo(name)
+    if info.file_size > limit:
+        raise ValueError(f"{path}: archive member {name} declares {info.file_size:,} bytes, more than {limit:,}; "
+                         "not a ResNet's weights")
+    if info.file_size > _RATIO_CHECK_BYTES and info.file_size > MAX_ZIP_RATIO * max(info.compress_size, 1):
+        raise ValueError(f"{path}: archive member {name} inflates {info.compress_size:,} bytes to {info.file_size:,} "
+                         f"(more than {MAX_ZIP_RATIO}x): a zip bomb, not weights")
+    parts, total = [], 0
+    try:
+        with z.open(info) as f:
+            while chunk := f.read(_READ_CHUNK):
+                total += len(chunk)
+                if total > info.file_size:  # zipfile stops at the declared size itself; kept in case it does not
+                    raise ValueError(f"{path}: archive member {name} holds more than the {info.file_size:,} bytes its "
+                                     "header declares")
+                parts.append(chunk)
+    except (zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError) as e:  # bad CRC, cut, unknown method
+        raise ValueError(f"{path}: corrupt archive member {name} ({' '.join(str(e).split())[:120]})") from None
+    return b"".join(parts)
+
+
+def check_h5_file(f, path: Path, limit: int | None = None) -> None:
+    """Refuse an HDF5 file that could make reading it touch other files or allocate without bound.
+
+    Every link must be a hard link (an external link reads another file, a soft link can point anywhere in this one
+    and form a cycle), every group must be reachable once only (no hard-link cycles), no dataset may keep its data
+    outside the file (virtual datasets, external storage), and the arrays together may declare at most ``limit``
+    (default ``MAX_KERAS_BYTES``) bytes. Keras never writes any of these. Raises ``ValueError`` naming the file and
+    the link.
+    """
+    limit = MAX_KERAS_BYTES if limit is None else limit
+    h5py = _import_h5py()
+    seen, declared, todo = set(), 0, [("/", f)]
+    while todo:
+        where, group = todo.pop()
+        if group.id in seen:
+            raise ValueError(f"{path}: HDF5 group {where} is linked from more than one place (a cycle?); not a Keras "
+                             "weights file")
+        seen.add(group.id)
+        for key in group:
+            name = f"{where.rstrip('/')}/{key}"
+            link = group.get(key, getlink=True)
+            if not isinstance(link, h5py.HardLink):
+                kind = type(link).__name__
+                to = f" to {link.filename}:{link.path}" if isinstance(link, h5py.ExternalLink) else (
+                    f" to {link.path}" if isinstance(link, h5py.SoftLink) else "")
+                raise ValueError(f"{path}: HDF5 {kind} {name}{to} refused: resnetlab reads only data stored in the "
+                                 "file itself")
+            obj = group[key]
+            if isinstance(obj, h5py.Group):
+                todo.append((name, obj))
+            elif isinstance(obj, h5py.Dataset):
+                if obj.is_virtual or obj.id.get_create_plist().get_external_count():
+                    raise ValueError(f"{path}: HDF5 dataset {name} keeps its data in other files; refused")
+                declared += int(obj.size or 0) * obj.dtype.itemsize
+                if declared > limit:
+                    raise ValueError(f"{path}: HDF5 arrays declare more than {limit:,} bytes (at {name}); not a "
+                                     "ResNet's weights")
 
 
 def _decode(names) -> list[str]:
@@ -208,14 +281,19 @@ def convert_keras(path: str | Path, *, rgb_input: bool = True) -> ConvertedWeigh
     h5py = _import_h5py()
     path = Path(path)
     if path.suffix == ".keras":
-        with zipfile.ZipFile(path) as z:
-            if "model.weights.h5" not in z.namelist():
-                raise ValueError(f"{path}: a .keras archive without model.weights.h5 (has {z.namelist()})")
-            data = io.BytesIO(z.read("model.weights.h5"))
+        try:
+            with zipfile.ZipFile(path) as z:
+                if "model.weights.h5" not in z.namelist():
+                    raise ValueError(f"{path}: a .keras archive without model.weights.h5 (has {z.namelist()[:8]})")
+                data = io.BytesIO(read_zip_member(path, z, "model.weights.h5"))
+        except zipfile.BadZipFile as e:
+            raise ValueError(f"{path}: not a .keras (zip) archive ({e})") from None
         with h5py.File(data, "r") as f:
+            check_h5_file(f, path)
             layers = read_keras3_weights(f)
     else:
         with h5py.File(path, "r") as f:
+            check_h5_file(f, path)
             group = f["model_weights"] if "model_weights" in f else f
             if "layer_names" in group.attrs:
                 layers = read_named_h5(group)
