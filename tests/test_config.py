@@ -154,8 +154,8 @@ def test_precedence_defaults_then_yaml_then_options(tmp_path):
     assert cfg.batch_size is None
 
 
-def test_cli_precedence_defaults_then_yaml_then_command_line(tmp_path, monkeypatch):
-    """``resnetlab train --config f.yaml --lr X`` builds the config the same way (stopped before any data)."""
+def _cli_config(monkeypatch, argv: list[str]) -> TrainConfig:
+    """The config ``resnetlab ARGV`` builds, stopped before any data is read."""
     import resnetlab.api
 
     seen = {}
@@ -168,12 +168,17 @@ def test_cli_precedence_defaults_then_yaml_then_command_line(tmp_path, monkeypat
         raise Stop
 
     monkeypatch.setattr(resnetlab.api, "prepare_run", capture)
+    with pytest.raises(Stop):
+        main(argv)
+    return seen["cfg"]
+
+
+def test_cli_precedence_defaults_then_yaml_then_command_line(tmp_path, monkeypatch):
+    """``resnetlab train --config f.yaml --lr X`` builds the config the same way (stopped before any data)."""
     path = tmp_path / "run.yaml"
     path.write_text("epochs: 7\nlr: 0.1\nbatch_size: 16\nflip: true\n")
-    with pytest.raises(Stop):
-        main(["train", "--config", str(path), "--lr", "0.5", "--no-flip", "--data", "somewhere",
-              "--mean", "0.1", "0.2", "0.3"])
-    cfg = seen["cfg"]
+    cfg = _cli_config(monkeypatch, ["train", "--config", str(path), "--lr", "0.5", "--no-flip", "--data", "somewhere",
+                                    "--mean", "0.1", "0.2", "0.3"])
     assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.flip) == (0.5, 7, 16, False)
     assert cfg.mean == [0.1, 0.2, 0.3]
     assert cfg.weight_decay is None and cfg.optimizer == "sgd"
@@ -218,7 +223,6 @@ def test_train_says_when_an_option_does_nothing(tmp_path, tiny_data, capsys):
 def test_the_linear_schedule_is_also_read_under_its_old_name_onecycle(tmp_path, monkeypatch, capsys):
     """``onecycle`` (linear warm-up then linear decay to 0) is now ``linear``; old configs, old run directories
     (resume reads their config.yaml) and old command lines still work, and resolve to the new name."""
-    import resnetlab.api
     from resnetlab.training.optim import lr_at
 
     assert TrainConfig().schedule == "linear"
@@ -227,20 +231,7 @@ def test_the_linear_schedule_is_also_read_under_its_old_name_onecycle(tmp_path, 
     (tmp_path / "config.yaml").write_text("schedule: onecycle\nepochs: 2\n")
     assert make_config(TrainConfig, load_yaml(tmp_path / "config.yaml")).schedule == "linear"
     assert [lr_at(s, 10, 0, "linear") for s in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0])
-
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def capture(cfg, log=print):
-        seen["cfg"] = cfg
-        raise Stop
-
-    monkeypatch.setattr(resnetlab.api, "prepare_run", capture)
-    with pytest.raises(Stop):
-        main(["train", "--data", "somewhere", "--schedule", "onecycle"])
-    assert seen["cfg"].schedule == "linear"
+    assert _cli_config(monkeypatch, ["train", "--data", "somewhere", "--schedule", "onecycle"]).schedule == "linear"
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "{linear,cosine,constant}" in capsys.readouterr().out
