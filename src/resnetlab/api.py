@@ -23,6 +23,7 @@ from resnetlab.data.errors import DataError
 from resnetlab.data.loader import ArrayLoader
 from resnetlab.data.pipeline import Pipeline
 from resnetlab.data.prepare import PreparedData, channel_stats, decoder_for, prepare_data
+from resnetlab.fileio import atomic_write
 from resnetlab.models import create_model, get_spec
 from resnetlab.training import checkpoint as ckpt
 from resnetlab.training import distributed
@@ -328,7 +329,7 @@ def evaluate(run_or_checkpoint: str | Path, data: str, *, tta: bool | str = Fals
     if not out and not (out_dir / "config.yaml").exists():
         out_dir = Path(meta["checkpoint"]).parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval.json").write_text(json.dumps(summary, indent=1))
+    atomic_write(out_dir / "eval.json", json.dumps(summary, indent=1))
     write_eval_plots(out_dir, summary, meta["classes"], prefix="eval_")
     summary["eval_json"] = str(out_dir / "eval.json")
     return summary
@@ -482,7 +483,7 @@ def lr_find(data: str | None = None, *, pretrained: str | None = None, start_lr:
     plot = plot_lr_find(res.lrs, res.losses, out / "lr_find.png", suggestion=res.suggestion)
     result = {"suggestion": res.suggestion, "steepest": res.steepest, "lrs": res.lrs, "losses": res.losses,
               "plot": str(plot)}
-    (out / "lr_find.json").write_text(json.dumps(result, indent=1))
+    atomic_write(out / "lr_find.json", json.dumps(result, indent=1))
     log(f"suggested lr {res.suggestion:.3g} (a tenth of the minimum-loss lr; steepest descent at "
         f"{res.steepest:.3g}); plot: {plot}")
     return result

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from resnetlab.fileio import atomic_write
 from resnetlab.report.run_report import read_jsonl
 
 
@@ -76,7 +77,7 @@ def run_degradation(data: str = "builtin:digits", *, depths: tuple[int, int] = (
     summary["findings"] = {"plain_degrades": err[f"plain{deep}"] > err[f"plain{shallow}"],
                            "residual_beats_plain": err[f"resnet{deep}"] < err[f"plain{deep}"],
                            "residual_improves": err[f"resnet{deep}"] <= err[f"resnet{shallow}"]}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic_write(out / "summary.json", json.dumps(summary, indent=1))
     log(f"plain{deep} trains worse than plain{shallow}: {summary['findings']['plain_degrades']}; "
         f"resnet{deep} better than plain{deep}: {summary['findings']['residual_beats_plain']}; "
         f"resnet{deep} at least as well as resnet{shallow}: {summary['findings']['residual_improves']}; "

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from resnetlab.fileio import atomic_write
 from resnetlab.report.metrics import dedupe_epochs
 
 CAPTIONS = {
@@ -292,5 +293,5 @@ def write_report(run_dir: Path) -> Path:
         f"written {escape(when)}</p>" + "".join(sections) + "</body></html>\n"
     )
     out = report_dir / "index.html"
-    out.write_text(page, encoding="utf-8")
+    atomic_write(out, page)  # UTF-8
     return out

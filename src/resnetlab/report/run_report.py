@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from resnetlab.fileio import atomic_write
 from resnetlab.report.html import write_report
 from resnetlab.report.metrics import confusion_matrix, summary_from_confusion, topk_accuracy
 from resnetlab.report.plots import (
@@ -77,10 +78,10 @@ def write_run_report(run_dir: Path, *, val_x: np.ndarray | None, val_pred=None, 
     if norms:
         plot_grad_norms(norms, report / "grad_norms.png")
     if skipped:
-        (report / "skipped.txt").write_text("".join(f"{p}\t{why}\n" for p, why in skipped))
+        atomic_write(report / "skipped.txt", "".join(f"{p}\t{why}\n" for p, why in skipped))
     if val_pred is not None and len(val_pred.targets):
         summary = evaluation_summary(val_pred.logits, val_pred.targets, classes)
-        (report / "val_summary.json").write_text(json.dumps(summary, indent=1))
+        atomic_write(report / "val_summary.json", json.dumps(summary, indent=1))
         write_eval_plots(report, summary, classes)
         if modality == "image" and val_x is not None:
             imgs, t, p, c = misclassified_examples(val_x, val_pred.indices, val_pred.logits, val_pred.targets)
