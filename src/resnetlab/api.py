@@ -283,8 +283,9 @@ def train(data: str | None = None, *, config: str | Path | dict | TrainConfig | 
     model = new_model(cfg.arch, prepared, pipeline, log, **overrides)
     meta = model_meta(cfg, prepared, in_chans, overrides)
     result = run_training(cfg, model, prepared, pipeline, device, meta, log=log)
-    log(f"best val accuracy {result.best_acc:.4f} at epoch {result.best_epoch}; "
-        f"{result.seconds:.1f} s; report: {result.report}")
+    if result.best_epoch >= 0:  # (none when Ctrl-C came before the first epoch's end)
+        log(f"best val accuracy {result.best_acc:.4f} at epoch {result.best_epoch}; "
+            f"{result.seconds:.1f} s; report: {result.report}")
     return result
 
 
@@ -446,8 +447,9 @@ def finetune(data: str | None = None, *, pretrained: str | None = None, config=N
     meta["pretrained"] = {"source": cfg.pretrained, "format": cw.format, "loaded": len(report.loaded),
                           "reshaped": report.reshaped, "new": report.new, "ignored": len(report.ignored)}
     result = run_training(cfg, model, prepared, pipeline, device, meta, phases=phases, log=log)
-    log(f"best val accuracy {result.best_acc:.4f} at epoch {result.best_epoch}; "
-        f"{result.seconds:.1f} s; report: {result.report}")
+    if result.best_epoch >= 0:  # (none when Ctrl-C came before the first epoch's end)
+        log(f"best val accuracy {result.best_acc:.4f} at epoch {result.best_epoch}; "
+            f"{result.seconds:.1f} s; report: {result.report}")
     return result
 
 

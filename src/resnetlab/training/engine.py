@@ -635,7 +635,7 @@ class Trainer:
             interrupted = True
             if isinstance(e, _StopRequested) or (self._consistent and not self.distributed):
                 self.log(f"\ninterrupted at epoch {self.epoch + 1}, batch {self.batch_in_epoch}: "
-                         "saving checkpoints/last")
+                         f"saving checkpoints/last (to continue: --out {self.run_dir} --resume)")
                 self.save_last()
             else:  # inside a step (a second Ctrl-C), or ranks stopped at different points: saving would mix states
                 self.log(f"\ninterrupted inside a step at epoch {self.epoch + 1}: {self._kept()}")
