@@ -415,6 +415,18 @@ def test_the_budget_clock_survives_a_kill_between_checkpoints(tmp_path, monkeypa
     # lost: at most CLOCK_SAVE_EVERY_S, and the batch that was under way
     assert spent - engine.CLOCK_SAVE_EVERY_S - 1.0 <= resumed.clock <= spent
 
+    # a new run in that folder (no resume) killed before it wrote anything does not inherit the old run's clock
+    fresh = _tiny_trainer(run, batch_size=1, accum_steps=1, checkpoint_every=0, time_budget=2.0, epochs=50,
+                          resume=False)
+
+    def killed_at_once():
+        raise _Killed
+
+    fresh.pipeline.on_call = killed_at_once
+    with pytest.raises(_Killed):
+        fresh.fit()
+    assert not (run / "checkpoints" / engine.CLOCK_FILE).exists()
+
 
 def test_resume_with_another_number_of_processes_is_refused_naming_both(tmp_path, tiny_reference, monkeypatch):
     """Each rank's share of an epoch (and the saved batch position in it) depends on the number of processes: a

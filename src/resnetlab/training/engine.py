@@ -521,6 +521,8 @@ class Trainer:
             self.resume()
             if self.is_main and self.history:  # a run killed between saving last and rewriting metrics.jsonl
                 self._write_metrics()
+        elif self.is_main:  # a new run in an old run's folder: its clock is not this run's
+            (self.run_dir / "checkpoints" / CLOCK_FILE).unlink(missing_ok=True)
         if self.cfg.progressive_resize and hasattr(self.pipeline, "train_size"):
             self.pipeline.set_train_scale(self._train_scale(), self.min_side)
             now, full = self.pipeline.train_size, self.pipeline.size
