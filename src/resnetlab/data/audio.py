@@ -110,7 +110,7 @@ def read_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple
                                     f"the file holds {m.group(2)}")
             # refused before reading: a damaged header can declare billions of frames (a 40-byte FLAC that would
             # allocate 32 GiB), and so can a recording far too long to be one sample
-            _check_rate(path, native_rate)
+            check_sample_rate(path, native_rate)
             known_length = 0 < declared_frames < 2**62
             values = declared_frames * f.channels
             if known_length and values > MAX_AUDIO_VALUES:
@@ -139,7 +139,8 @@ def read_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple
     return wave, native_rate
 
 
-def _check_rate(path: Path, rate: int) -> None:
+def check_sample_rate(path: str | os.PathLike, rate: int) -> None:
+    """Raise ``DataError`` naming ``path`` when a header declares a sample rate outside MIN..MAX_SAMPLE_RATE."""
     if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
         raise DataError(f"{path}: header declares a sample rate of {rate:,} Hz, outside {MIN_SAMPLE_RATE:,}.."
                         f"{MAX_SAMPLE_RATE:,} Hz; a damaged or forged file")
@@ -316,7 +317,7 @@ def probe_audio(paths: Sequence[str | os.PathLike], max_files: int = 200) -> dic
             info = sf.info(str(p))
             if info.frames <= 0:
                 raise DataError(f"{p}: zero-length clip or invalid header")
-            _check_rate(Path(p), info.samplerate)
+            check_sample_rate(Path(p), info.samplerate)
         except (DataError, RuntimeError, ValueError, OSError) as err:
             first_error = first_error or err
             continue

@@ -173,7 +173,7 @@ def _build(tmp: Path, items: list[tuple[str, int]], decode: Callable[[str], np.n
             for (path, label), result in zip(items, results):
                 bar.update()
                 if isinstance(result, Exception):
-                    reason = _reason(path, result)
+                    reason = failure_reason(path, result)
                     if strict:
                         raise DataError(f"{path}: {reason}") from result
                     skipped.append((path, reason))
@@ -252,7 +252,7 @@ def _install(tmp: Path, final: Path, digest: str) -> None:
     os.replace(tmp, final)
 
 
-def _reason(path: str, error: Exception) -> str:
+def failure_reason(path: str, error: Exception) -> str:
     """One line saying why ``path`` failed, without repeating the path when the message starts with it."""
     text = " ".join(str(error).split())
     if text.startswith(f"{path}: "):

@@ -110,6 +110,8 @@ class ArrayLoader:
         if self.streaming:
             from resnetlab.data.stream import stream_batches
 
+            # files that fail to decode are left out of the batch with their labels (and listed in x.skipped), so
+            # a batch may come back smaller; ``idx`` says which samples it holds
             for idx, xb in stream_batches(self.x, [b.sort().values for b in batches], self.workers):
                 yb = self._y_all[idx]
                 xb = xb if torch.is_tensor(xb) else torch.from_numpy(xb)  # DataLoader converts arrays itself

@@ -131,7 +131,8 @@ def _too_big_to_cache(n: int, shape: tuple, dtype, root: Path, max_cache_gb: flo
 
 
 def stream_dataset(items, decode, shape, dtype, classes, strict: bool) -> ArrayDataset:
-    """An ArrayDataset whose ``x`` decodes on access; files whose header is unreadable are skipped up front."""
+    """An ArrayDataset whose ``x`` decodes on access; files whose header is unreadable are skipped up front, those
+    that fail to decode later are skipped then and added to ``skipped`` (:class:`~resnetlab.data.stream.LazyArray`)."""
     from resnetlab.data.stream import LazyArray
 
     ok, skipped = [], []
@@ -146,8 +147,9 @@ def stream_dataset(items, decode, shape, dtype, classes, strict: bool) -> ArrayD
     if not ok:
         raise DataError(f"none of the {len(items)} files is readable (e.g. {skipped[0][0]}: {skipped[0][1]})")
     files = [p for p, _ in ok]
-    return ArrayDataset(LazyArray(files, decode, shape, dtype, strict=strict), np.array([lab for _, lab in ok]),
-                        files, skipped, list(classes), {"streaming": True})
+    # one list: files that fail to decode later, during the run, are added to it (and so reach the report)
+    return ArrayDataset(LazyArray(files, decode, shape, dtype, strict=strict, skipped=skipped),
+                        np.array([lab for _, lab in ok]), files, skipped, list(classes), {"streaming": True})
 
 
 def _check_header(path: str) -> None:
@@ -166,6 +168,9 @@ def _check_header(path: str) -> None:
             raise DataError(f"{path}: not a readable audio file ({str(e).splitlines()[0][:120]})") from None
         if info.frames == 0:
             raise DataError(f"{path}: zero-length clip")
+        from resnetlab.data.audio import check_sample_rate
+
+        check_sample_rate(path, info.samplerate)
 
 
 def channel_stats(x: np.ndarray, max_samples: int = 10_000, seed: int = 0) -> tuple[list[float], list[float]]:

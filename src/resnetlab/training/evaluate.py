@@ -38,14 +38,15 @@ def predict_loader(model: torch.nn.Module, pipeline: Pipeline, loader: ArrayLoad
     mode = tta_mode(tta)
     was_training = model.training
     model.eval()
-    outs, ys = [], []
+    outs, ys, idxs = [], [], []
     try:
-        for xb, yb in loader.epoch(0):
+        for xb, yb, idx in loader.epoch(0, with_index=True):
             outs.append(forward_logits(model, pipeline, xb, prec, mode).cpu())
             ys.append(yb.cpu())
+            idxs.append(np.asarray(idx.cpu()))  # the samples the batch holds (streaming leaves undecodable ones out)
     finally:
         model.train(was_training)
-    order = np.concatenate([b.sort().values.numpy() for b in loader._batches(0, 0)]) if len(ys) else np.zeros(0, int)
+    order = np.concatenate(idxs) if idxs else np.zeros(0, int)
     if not outs:
         return Predictions(torch.zeros(0, pipeline.num_classes), torch.zeros(0, dtype=torch.long), order)
     return Predictions(torch.cat(outs), torch.cat(ys), order)
