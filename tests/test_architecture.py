@@ -8,6 +8,7 @@ __version__``) is not an edge: a package's ``__init__`` runs before any of its m
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -34,8 +35,10 @@ def _modules(src: Path = SRC) -> dict[str, tuple[Path, bool]]:
     return mods
 
 
+@functools.lru_cache(maxsize=4)
 def import_graph(src: Path = SRC) -> dict[str, set[str]]:
-    """``module -> modules it imports`` (inside the package), relative imports resolved."""
+    """``module -> modules it imports`` (inside the package), relative imports resolved. (Cached: callers must
+    not change the result.)"""
     mods = _modules(src)
 
     def resolve(name: str) -> str | None:  # the module named, or the nearest enclosing one that exists
