@@ -102,6 +102,46 @@ def test_changes_invalidate(tmp_path):
     assert _build(items, root).meta["cache_hit"] is True
 
 
+def test_an_edit_that_keeps_size_and_mtime_makes_a_new_cache(tmp_path):
+    """Before: the key was path + size + mtime, so a file rewritten in place with its mtime restored (rsync -t, a
+    restored backup, a coarse-mtime file system) kept serving the old pixels."""
+    items, root = _images(tmp_path / "img"), tmp_path / "cache"
+    first = _build(items, root)
+    path = items[1][0]  # an 8x8 gray BMP: uncompressed, so other pixels keep the size
+    st = os.stat(path)
+    Image.fromarray(np.full((8, 8), 99, np.uint8)).save(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_mtime_ns == st.st_mtime_ns and os.stat(path).st_size == st.st_size
+    again = _build(items, root)
+    assert again.meta["cache_hit"] is False and again.meta["digest"] != first.meta["digest"]
+    assert int(first.x[1, 0, 0, 0]) == 10 and int(again.x[1, 0, 0, 0]) == 99  # the new content, decoded
+
+
+def test_the_decoder_and_its_libraries_are_part_of_the_key(tiny_data, tmp_path, monkeypatch):
+    """Before: a new resnetlab decoder or Pillow/libsndfile kept serving arrays decoded by the old one."""
+    import PIL
+    import soundfile
+
+    from resnetlab.data import audio, images
+    from resnetlab.data.prepare import prepare_data
+
+    def digest():
+        return prepare_data(str(tiny_data), img_size=16, cache_dir=str(tmp_path), progress=False,
+                            log=lambda m: None).train.meta["digest"]
+
+    base = digest()
+    assert digest() == base
+    seen = {base}
+    for target, name, value in [(images, "DECODER_VERSION", images.DECODER_VERSION + 1),
+                                (PIL, "__version__", "0.0.1")]:
+        with monkeypatch.context() as m:
+            m.setattr(target, name, value)
+            seen.add(digest())
+    assert len(seen) == 3
+    versions = audio.decoder_versions()
+    assert versions["audio"] == audio.DECODER_VERSION and versions["libsndfile"] == soundfile.__libsndfile_version__
+
+
 def test_corrupt_files_are_skipped_and_listed(tmp_path):
     items = _images(tmp_path / "img")
     Path(items[1][0]).write_bytes(b"")

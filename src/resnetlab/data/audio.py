@@ -46,6 +46,13 @@ KAISER_BETA = 8.6
 _MAX_POLYPHASE_KERNEL = 1 << 22  # taps; odd rate pairs (44101 -> 16000) get a close ratio that fits, see resample()
 
 
+def decoder_versions() -> dict[str, str | int]:
+    """What decides the samples a file decodes to, for the cache key: ``DECODER_VERSION`` and the versions of the
+    libraries that decode and resample (soundfile and its libsndfile; numpy and torch compute the resampler)."""
+    return {"audio": DECODER_VERSION, "soundfile": sf.__version__, "libsndfile": sf.__libsndfile_version__,
+            "numpy": np.__version__, "torch": torch.__version__}
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 

@@ -51,6 +51,14 @@ _TORCHVISION_FORMATS = frozenset({"JPEG", "WEBP"}) if hasattr(torchvision.io, "d
 _EXIF_ORIENTATION = 0x0112
 
 
+def decoder_versions() -> dict[str, str | int]:
+    """What decides the pixels a file decodes to, for the cache key: ``DECODER_VERSION`` and the versions of the
+    decoding libraries (Pillow; torchvision, whose libjpeg-turbo and libwebp decode JPEG and WebP)."""
+    import PIL
+
+    return {"images": DECODER_VERSION, "Pillow": PIL.__version__, "torchvision": torchvision.__version__}
+
+
 @dataclass(frozen=True)
 class ImageHeader:
     """What an image file's header says, read without decoding its pixels."""

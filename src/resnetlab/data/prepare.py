@@ -94,11 +94,17 @@ def prepare_data(data: str, *, modality_facts: dict | None = None, val_fraction:
     if spec.modality == "image":
         facts = modality_facts or choose_image_facts(spec, img_size, channels)
         decode, shape, dtype = image_decoder(facts["img_size"], facts["channels"])
-        key = {"modality": "image", "size": facts["img_size"], "channels": facts["channels"]}
+        from resnetlab.data.images import decoder_versions
+
+        key = {"modality": "image", "size": facts["img_size"], "channels": facts["channels"],
+               "decoder": decoder_versions()}
     else:
         facts = modality_facts or choose_audio_facts(spec, sample_rate, duration)
         decode, shape, dtype = audio_decoder(facts["sample_rate"], facts["num_samples"])
-        key = {"modality": "audio", "sample_rate": facts["sample_rate"], "num_samples": facts["num_samples"]}
+        from resnetlab.data.audio import decoder_versions
+
+        key = {"modality": "audio", "sample_rate": facts["sample_rate"], "num_samples": facts["num_samples"],
+               "decoder": decoder_versions()}
     root = Path(cache_dir) if cache_dir else default_cache_root()
     why = "asked for"
     if stream is None:
