@@ -104,20 +104,44 @@ def test_mixed_image_formats_and_audio_modality(tmp_path):
 # --- split folders ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("val_dir", ["val", "test"])
-def test_split_folders(tmp_path, val_dir):
+def test_split_folders_with_val(tmp_path):
     _class_folders(tmp_path / "train", {"a": 3, "b": 2, "c": 1})
-    _class_folders(tmp_path / val_dir, {"a": 1, "b": 1})  # "c" has no held-out files: allowed
+    _class_folders(tmp_path / "val", {"a": 1, "b": 1})  # "c" has no held-out files: allowed
     spec = scan_dataset(tmp_path)
-    assert (spec.layout, spec.val_name, spec.classes) == ("split-folders", val_dir, ["a", "b", "c"])
-    assert len(spec.train) == 6 and len(spec.val) == 2
-    assert all(f"{os.sep}{val_dir}{os.sep}" in p for p, _ in spec.val)
+    assert (spec.layout, spec.val_name, spec.classes) == ("split-folders", "val", ["a", "b", "c"])
+    assert len(spec.train) == 6 and len(spec.val) == 2 and spec.test == []
+    assert all(f"{os.sep}val{os.sep}" in p for p, _ in spec.val)
 
 
-def test_split_folders_prefers_val_over_test(tmp_path):
+def test_split_folders_test_is_never_train_or_val(tmp_path):
+    """train/ + test/ and no val/: validation is carved out of train (stratified), test is kept apart."""
+    _class_folders(tmp_path / "train", {"a": 10, "b": 20, "c": 1})
+    _class_folders(tmp_path / "test", {"a": 3, "b": 3})
+    spec = scan_dataset(tmp_path, val_fraction=0.2, seed=1)
+    assert (spec.layout, spec.val_name) == ("split-folders", "split")
+    test_dir = str(tmp_path / "test") + os.sep
+    assert len(spec.test) == 6 and all(p.startswith(test_dir) for p, _ in spec.test)
+    assert not any(p.startswith(test_dir) for p, _ in spec.train + spec.val)
+    assert np.bincount([y for _, y in spec.val], minlength=3).tolist() == [2, 4, 0]  # 20% of each class
+    assert len(spec.train) + len(spec.val) == 31
+    assert "test (kept for the end)" in spec.summary() and "carved out of train" in spec.summary()
+    assert spec.held_out() == ("test", spec.test)
+
+
+def test_split_folders_train_val_test_keeps_all_three(tmp_path):
     for split in ("train", "val", "test"):
-        _class_folders(tmp_path / split, {"a": 1, "b": 1})
-    assert scan_dataset(tmp_path).val_name == "val"
+        _class_folders(tmp_path / split, {"a": 2, "b": 2})
+    spec = scan_dataset(tmp_path)
+    assert spec.val_name == "val"
+    assert {os.path.basename(os.path.dirname(os.path.dirname(p))) for p, _ in spec.val} == {"val"}
+    assert {os.path.basename(os.path.dirname(os.path.dirname(p))) for p, _ in spec.test} == {"test"}
+
+
+def test_split_folders_test_only_class_is_named(tmp_path):
+    _class_folders(tmp_path / "train", {"a": 2, "b": 2})
+    _class_folders(tmp_path / "test", {"a": 1, "zebra": 1})
+    with pytest.raises(DataError, match="class 'zebra' has test files but no training files"):
+        scan_dataset(tmp_path)
 
 
 def test_split_folders_class_only_in_val_is_named(tmp_path):
@@ -154,9 +178,20 @@ def test_csv_split_column_and_named_columns_in_any_order(tmp_path):
             f"b,{tmp_path / 'img' / 'b1.png'},validation\n"  # an absolute path is used as is
             "a,img/a2.png,test\n")
     spec = scan_dataset(_csv_dataset(tmp_path, text))
-    assert spec.val_name == "val"  # val rows win over test rows
+    assert spec.val_name == "val"
     assert [(os.path.basename(p), y) for p, y in spec.val] == [("b1.png", 1)]
+    assert [(os.path.basename(p), y) for p, y in spec.test] == [("a2.png", 0)]
     assert len(spec.train) == 3
+
+
+def test_csv_test_rows_are_never_train_or_val(tmp_path):
+    """A manifest with train and test rows but no val rows: validation is carved out of the train rows."""
+    rows = "".join(f"img/{n}.png,{n[0]},train\n" for n in ("a0", "a1", "b0", "b1"))
+    rows += "img/a2.png,a,test\nimg/b2.png,b,test\n"
+    spec = scan_dataset(_csv_dataset(tmp_path, "path,label,split\n" + rows), val_fraction=0.5)
+    assert spec.val_name == "split" and sorted(y for _, y in spec.val) == [0, 1]
+    assert sorted(os.path.basename(p) for p, _ in spec.test) == ["a2.png", "b2.png"]
+    assert not {p for p, _ in spec.test} & {p for p, _ in spec.train + spec.val}
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -178,6 +213,112 @@ def test_csv_class_only_in_validation_rows(tmp_path):
         scan_dataset(_csv_dataset(tmp_path, text))
 
 
+# --- grouped splits --------------------------------------------------------------------------------------------
+
+
+def _groups(items, pattern: str) -> set[str]:
+    import re
+
+    return {re.search(pattern, os.path.basename(p)).group(1) for p, _ in items}
+
+
+def _fsdd_names(root: Path, speakers, takes: range, digits: str = "0123") -> Path:
+    for d in digits:
+        for s in speakers:
+            for t in takes:
+                _touch(root / d / f"{d}_{s}_{t}.wav")  # discovery reads names, not contents
+    return root
+
+
+def test_group_by_keeps_each_group_inside_one_split(tmp_path):
+    for cls in ("a", "b", "c"):
+        for face in range(12):
+            for i in range(3):
+                _touch(tmp_path / cls / f"face{face}_{cls}{i}.png")
+    spec = scan_dataset(tmp_path, val_fraction=0.25, seed=0, group_by=r"^(face\d+)_")
+    assert spec.grouping.applied and spec.grouping.source == "--group-by"
+    train, val = _groups(spec.train, r"^(face\d+)_"), _groups(spec.val, r"^(face\d+)_")
+    assert not train & val and len(val) == 3  # a quarter of the 12 typefaces, whole
+    assert np.bincount([y for _, y in spec.val], minlength=3).tolist() == [9, 9, 9]
+    assert spec.grouping.groups == {"train": 9, "val": 3}
+    again = scan_dataset(tmp_path, val_fraction=0.25, seed=0, group_by=r"^(face\d+)_")
+    assert again.val == spec.val  # seeded: the same seed, the same split
+    others = [_groups(scan_dataset(tmp_path, val_fraction=0.25, seed=s, group_by=r"^(face\d+)_").val,
+                      r"^(face\d+)_") for s in (1, 2, 3)]
+    assert any(o != val for o in others)
+    assert "validation split by whole groups (--group-by '^(face\\d+)_')" in spec.grouping.describe()
+
+
+def test_fsdd_naming_groups_validation_by_speaker_without_the_option(tmp_path):
+    speakers = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
+    spec = scan_dataset(_fsdd_names(tmp_path / "ds", speakers, range(5)), val_fraction=0.2, seed=0)
+    g = spec.grouping
+    assert g is not None and g.applied and g.source == "FSDD" and g.unit == "speaker"
+    pattern = r"^\d+_([a-z]+)_"
+    assert not _groups(spec.train, pattern) & _groups(spec.val, pattern)
+    assert len(_groups(spec.val, pattern)) == 1  # a sixth is the closest whole-speaker share to 20%
+    assert "FSDD file naming DIGIT_SPEAKER_TAKE, recognised without --group-by" in g.describe()
+    assert scan_dataset(tmp_path / "ds", group_by="none").grouping is None  # turned off
+
+
+def test_fsdd_naming_with_a_test_split_of_the_same_speakers_is_not_grouped(tmp_path):
+    """FSDD's official split tests the training speakers (takes 0-4): validation then holds them too."""
+    speakers = ("jackson", "theo", "lucas")
+    _fsdd_names(tmp_path / "train", speakers, range(5, 15))
+    _fsdd_names(tmp_path / "test", speakers, range(5))
+    spec = scan_dataset(tmp_path, val_fraction=0.2)
+    assert spec.grouping.source == "FSDD" and not spec.grouping.applied
+    assert "test shares 3 of its 3 speakers with train" in spec.grouping.describe()
+    assert _groups(spec.val, r"^\d+_([a-z]+)_") == set(speakers)  # stratified by file, every speaker in val
+    # test speakers never heard in training: validation takes whole speakers too
+    _fsdd_names(tmp_path / "test2", ("unseen",), range(5))
+    os.rename(tmp_path / "test", tmp_path / "old")
+    os.rename(tmp_path / "test2", tmp_path / "test")
+    assert scan_dataset(tmp_path, val_fraction=0.2).grouping.applied
+
+
+def test_speech_commands_naming_groups_validation_by_speaker(tmp_path):
+    for word in ("yes", "no", "up"):
+        for k in range(10):
+            for n in range(2):
+                _touch(tmp_path / word / f"{k:04x}beef_nohash_{n}.wav")
+    _touch(tmp_path / "yes" / "odd_name.wav")  # one file off the convention: each such file is its own group
+    spec = scan_dataset(tmp_path, val_fraction=0.2, seed=5)
+    assert spec.grouping.source == "Speech Commands" and spec.grouping.applied
+    pattern = r"^([0-9a-f]{8})_nohash_"
+    items = [(p, y) for p, y in spec.train + spec.val if "odd_name" not in p]
+    assert len(items) == 60
+    assert not _groups([i for i in items if i in spec.train], pattern) & _groups([i for i in items if i in spec.val],
+                                                                                 pattern)
+    assert 2 <= len(_groups([i for i in items if i in spec.val], pattern)) <= 3
+    assert spec.grouping.unmatched == 1
+
+
+def test_csv_group_column(tmp_path):
+    rows = ["path,label,group"]
+    for cls in ("a", "b"):
+        for patient in range(8):
+            for i in range(2):
+                _touch(tmp_path / "img" / f"{cls}{patient}_{i}.png")
+                rows.append(f"img/{cls}{patient}_{i}.png,{cls},patient{patient}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    spec = scan_dataset(tmp_path / "m.csv", val_fraction=0.25, seed=0)
+    assert spec.grouping.source == "CSV group column" and spec.grouping.applied
+    pattern = r"^[ab](\d+)_"
+    assert not _groups(spec.train, pattern) & _groups(spec.val, pattern)
+    assert len(spec.val) == 8 and len(_groups(spec.val, pattern)) == 2
+
+
+def test_group_by_errors(tmp_path):
+    root = _class_folders(tmp_path, {"a": 2, "b": 2})
+    with pytest.raises(ValueError, match="not a regular expression"):
+        scan_dataset(root, group_by="(")
+    with pytest.raises(ValueError, match="has no capture group"):
+        scan_dataset(root, group_by="img")
+    with pytest.raises(DataError, match="matches none of the 4 training file names"):
+        scan_dataset(root, group_by=r"^speaker(\d+)")
+
+
 # --- imposed classes -------------------------------------------------------------------------------------------
 
 
@@ -197,7 +338,7 @@ def test_forced_classes_reject_an_unseen_label(tmp_path):
 
 def test_forced_classes_accept_an_evaluation_manifest_without_train_rows(tmp_path):
     spec = scan_dataset(_csv_dataset(tmp_path, "img/a0.png,a,test\nimg/b0.png,b,test\n"), classes=["a", "b"])
-    assert spec.train == [] and len(spec.val) == 2 and spec.val_name == "test"
+    assert spec.train == [] and spec.val == [] and len(spec.test) == 2
 
 
 # --- errors ----------------------------------------------------------------------------------------------------
@@ -275,9 +416,10 @@ def test_builtin_digits():
     folder = resolve_builtin("builtin:digits")
     spec = scan_dataset(folder)
     assert spec.classes == [str(d) for d in range(10)]
-    assert (len(spec.train), len(spec.val), spec.val_name) == (5000, 1000, "test")
-    assert np.bincount([y for _, y in spec.train]).tolist() == [500] * 10
-    assert np.bincount([y for _, y in spec.val]).tolist() == [100] * 10
+    assert (len(spec.train), len(spec.val), len(spec.test), spec.val_name) == (4500, 500, 1000, "split")
+    assert np.bincount([y for _, y in spec.train]).tolist() == [450] * 10
+    assert np.bincount([y for _, y in spec.val]).tolist() == [50] * 10
+    assert np.bincount([y for _, y in spec.test]).tolist() == [100] * 10
     assert "CC BY-SA 3.0" in (Path(folder) / "LICENSE.txt").read_text()
 
 

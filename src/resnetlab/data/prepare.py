@@ -1,8 +1,9 @@
 """From a dataset path to cached arrays and a pipeline: the files -> cache half of the data flow.
 
 ``prepare_data`` scans the dataset, picks what the data implies (image size and colour, clip length),
-decodes every file once into the memory-mapped cache and reports what it skipped. ``decoder_for`` rebuilds
-the same decoding from a checkpoint's pipeline config, for ``evaluate`` and ``predict``.
+decodes every file once into the memory-mapped cache and reports what it skipped. ``prepare_held_out`` decodes only
+the split an evaluation reads. ``decoder_for`` rebuilds the same decoding from a checkpoint's pipeline config, for
+``evaluate`` and ``predict``.
 """
 
 from __future__ import annotations
@@ -26,10 +27,16 @@ class PreparedData:
     val: ArrayDataset | None
     sample_shape: tuple[int, ...]  # one cached sample: (C, H, W) uint8 or (T,) int16
     facts: dict  # what was chosen from the data: img_size, channels / sample_rate, num_samples, duration
+    test: ArrayDataset | None = None  # for one evaluation at the end of a run; never validated or selected on
 
     @property
     def skipped(self) -> list[tuple[str, str]]:
-        return list(self.train.skipped) + (list(self.val.skipped) if self.val is not None else [])
+        return [s for ds in (self.train, self.val, self.test) if ds is not None for s in ds.skipped]
+
+    def splits(self) -> dict[str, ArrayDataset]:
+        """The non-empty splits by name (``train``, ``val``, ``test``)."""
+        return {name: ds for name, ds in (("train", self.train), ("val", self.val), ("test", self.test))
+                if ds is not None and len(ds)}
 
 
 def image_decoder(size: int | tuple[int, int], channels: int):
@@ -82,47 +89,84 @@ def prepare_data(data: str, *, modality_facts: dict | None = None, val_fraction:
                  img_size: int | None = None, channels: int | None = None, sample_rate: int | None = None,
                  duration: float | None = None, cache_dir: str | None = None, strict: bool = False,
                  progress: bool = True, classes: list[str] | None = None, stream: bool | None = None,
-                 max_cache_gb: float = 64.0, log=print) -> PreparedData:
+                 max_cache_gb: float = 64.0, group_by: str | None = None, log=print) -> PreparedData:
     """Scan ``data`` (folder, CSV or ``builtin:NAME``), decode it once into the cache, return the arrays.
 
-    ``stream``: decode on the fly in DataLoader workers instead of caching (``None``: when the decoded data
-    would exceed ``max_cache_gb`` or half the free space of the cache's disk).
+    ``val_fraction``, ``seed`` and ``group_by`` make the validation split when the data has none of its own
+    (``scan_dataset``); a test split is decoded too, for the run's final evaluation. ``stream``: decode on the fly
+    in DataLoader workers instead of caching (``None``: when the decoded data would exceed ``max_cache_gb`` or half
+    the free space of the cache's disk).
     """
     path = resolve_builtin(data)
-    spec = scan_dataset(path, val_fraction=val_fraction, seed=seed, classes=classes)
+    spec = scan_dataset(path, val_fraction=val_fraction, seed=seed, classes=classes, group_by=group_by)
     log(spec.summary())
+    if spec.grouping is not None:
+        log(spec.grouping.describe())
     if spec.modality == "image":
         facts = modality_facts or choose_image_facts(spec, img_size, channels)
+    else:
+        facts = modality_facts or choose_audio_facts(spec, sample_rate, duration)
+    decoding = _decoding(spec.modality, facts)
+    root = Path(cache_dir) if cache_dir else default_cache_root()
+    why = "asked for"
+    n_files = len(spec.train) + len(spec.val) + len(spec.test)
+    if stream is None:
+        stream = _too_big_to_cache(n_files, decoding[1], decoding[2], root, max_cache_gb)
+        why = "too large to cache"
+    if stream:
+        log(f"streaming: {n_files} files decoded on the fly ({why})")
+        facts = {**facts, "streaming": True}
+    arrays = {name: _load_split(items, name, decoding, spec.classes, root, stream, strict, progress, log)
+              for name, items in (("train", spec.train), ("val", spec.val), ("test", spec.test))
+              if items or name == "train"}
+    return PreparedData(spec, arrays["train"], arrays.get("val"), decoding[1], facts, test=arrays.get("test"))
+
+
+def prepare_held_out(data: str, *, modality_facts: dict, classes: list[str], cache_dir: str | None = None,
+                     strict: bool = False, progress: bool = True, log=print) -> tuple[DatasetSpec, str, ArrayDataset]:
+    """What an evaluation of a trained model reads from ``data``, decoded as the model was trained:
+    ``(spec, split, arrays)`` with ``split`` ``"test"`` (the data's test split), else ``"val"`` (its own
+    validation split), else ``"all"`` (every file). The other splits are not decoded."""
+    spec = scan_dataset(resolve_builtin(data), val_fraction=0.0, classes=classes, group_by="none")
+    log(spec.summary())
+    split, items = spec.held_out()
+    if not items:
+        raise DataError(f"{data}: no {'test ' if split == 'test' else ''}files to evaluate")
+    root = Path(cache_dir) if cache_dir else default_cache_root()
+    arrays = _load_split(items, split, _decoding(spec.modality, modality_facts), spec.classes, root, False, strict,
+                         progress, log)
+    return spec, split, arrays
+
+
+def _decoding(modality: str, facts: dict):
+    """``(decode, sample_shape, dtype, cache key)`` for ``facts`` (image size and channels, or sample rate and
+    clip length)."""
+    if modality == "image":
         decode, shape, dtype = image_decoder(facts["img_size"], facts["channels"])
         from resnetlab.data.images import decoder_versions
 
         key = {"modality": "image", "size": facts["img_size"], "channels": facts["channels"],
                "decoder": decoder_versions()}
     else:
-        facts = modality_facts or choose_audio_facts(spec, sample_rate, duration)
         decode, shape, dtype = audio_decoder(facts["sample_rate"], facts["num_samples"])
         from resnetlab.data.audio import decoder_versions
 
         key = {"modality": "audio", "sample_rate": facts["sample_rate"], "num_samples": facts["num_samples"],
                "decoder": decoder_versions()}
-    root = Path(cache_dir) if cache_dir else default_cache_root()
-    why = "asked for"
-    if stream is None:
-        stream = _too_big_to_cache(len(spec.train) + len(spec.val), shape, dtype, root, max_cache_gb)
-        why = "too large to cache"
+    return decode, shape, dtype, key
+
+
+def _load_split(items, name: str, decoding, classes, root: Path, stream: bool, strict: bool, progress: bool,
+                log) -> ArrayDataset:
+    """One split's arrays: cached (decoded once) or streamed; skipped files are logged."""
+    decode, shape, dtype, key = decoding
     if stream:
-        log(f"streaming: {len(spec.train) + len(spec.val)} files decoded on the fly ({why})")
-        train = stream_dataset(spec.train, decode, shape, dtype, spec.classes, strict)
-        val = stream_dataset(spec.val, decode, shape, dtype, spec.classes, strict) if spec.val else None
-        return PreparedData(spec, train, val, shape, {**facts, "streaming": True})
-    train = build_cache(spec.train, decode, shape, dtype, root, {**key, "split": "train"}, spec.classes,
-                        strict=strict, progress=progress, desc="caching train")
-    val = (build_cache(spec.val, decode, shape, dtype, root, {**key, "split": spec.val_name}, spec.classes,
-                       strict=strict, progress=progress, desc=f"caching {spec.val_name}") if spec.val else None)
-    for ds in (train, val):
-        if ds is not None and ds.skipped:
-            log(f"skipped {len(ds.skipped)} unreadable file(s), e.g. {ds.skipped[0][0]}: {ds.skipped[0][1]}")
-    return PreparedData(spec, train, val, shape, facts)
+        return stream_dataset(items, decode, shape, dtype, classes, strict)
+    ds = build_cache(items, decode, shape, dtype, root, {**key, "split": name}, classes, strict=strict,
+                     progress=progress, desc=f"caching {name}")
+    if ds.skipped:
+        log(f"skipped {len(ds.skipped)} unreadable file(s), e.g. {ds.skipped[0][0]}: {ds.skipped[0][1]}")
+    return ds
 
 
 def _too_big_to_cache(n: int, shape: tuple, dtype, root: Path, max_cache_gb: float) -> bool:
