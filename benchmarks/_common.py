@@ -153,7 +153,8 @@ def cold_cache(data: Path, name: str, kind: str):
     t0 = time.perf_counter()
     prepared = prepare_data(str(data), cache_dir=str(cache), progress=False, log=lambda m: None)
     seconds = round(time.perf_counter() - t0, 1)
-    print(f"cache build (cold, {len(prepared.train)} train + {len(prepared.val)} test {kind}): {seconds} s",
+    n_val, n_test = (len(ds) if ds is not None else 0 for ds in (prepared.val, prepared.test))
+    print(f"cache build (cold, {len(prepared.train)} train + {n_val} val + {n_test} test {kind}): {seconds} s",
           flush=True)
     return prepared, cache, seconds
 

@@ -1,10 +1,13 @@
 """CIFAR-10 on this CPU: the best test accuracy within a training budget (10 minutes; target >= 90%).
 
-``resnetlab.train(data=cifar10, time_budget=10, ...)`` trains on the 50,000-image train split with the 10,000-image
-test split as validation: the time budget stretches the linear schedule over the 10 minutes and ends it (at a
-learning rate of zero, mid-epoch if need be) when they run out. The budget counts training and validation, from
-the first step; scan, cache build, the run report and a test-time-augmented evaluation of the best checkpoint
-(``--tta``, reported beside the plain figure) come outside it.
+``resnetlab.train(data=cifar10, time_budget=10, ...)`` trains on the 50,000-image train split (``fast``: all of it,
+``--val-fraction 0``, the final model is the one measured; ``wide``: 45,000, a tenth carved out for validation) and
+evaluates the best checkpoint once on the 10,000-image test split at the end of the call: the time budget stretches
+the linear schedule over the 10 minutes and ends it (at a learning rate of zero, mid-epoch if need be) when they
+run out. The budget counts training and validation, from the first step; scan, cache build, the run report, the
+test evaluation and a test-time-augmented evaluation of the best checkpoint (``--tta``, reported beside the plain
+figure) come outside it. (Until the validation split was carved out of train, the test split was the validation
+set; with validation at the end only, as in ``fast``, that selected nothing, and the figures are comparable.)
 
 Recipes (``--recipe``): ``fast`` (default), airbench94's recipe on ``fastresnet_s`` (whitening stem, conv-pool
 residual stages, lookahead, validation at the end only, alternating flips), with Muon for the stages' filters as
@@ -76,7 +79,10 @@ RECIPES = {
     # alternate per image (airbench's derandomised flip; --set flip_mode=random for the coin per image)
     "fast": {"arch": "fastresnet_s", "batch_size": 512, "lr": 0.75, "momentum": 0.85, "weight_decay": 1.33e-3,
              "label_smoothing": 0.2, "warmup_epochs": 1.2, "crop_pad": 2, "lookahead": True, "val_every": 0,
-             "optimizer": "muon", "muon_lr": 0.15, "muon_momentum": 0.6, "flip_mode": "alternate"},
+             "optimizer": "muon", "muon_lr": 0.15, "muon_momentum": 0.6, "flip_mode": "alternate",
+             # no validation split: the run validates at its end only, so one would select nothing and cost a
+             # tenth of the training images; the final model is evaluated once on the test split
+             "val_fraction": 0.0},
 }
 
 
@@ -188,7 +194,7 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t1
     metrics = [json.loads(x) for x in (runs / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     accs = [round(m["val_acc"], 4) for m in metrics if "val_acc" in m]
-    best = res.best_acc
+    best = res.test["accuracy"]  # the best checkpoint (chosen on validation, if any), evaluated once on test
     t2 = time.perf_counter()
     tta = resnetlab.evaluate(str(runs / "run"), data=str(data), tta=args.tta, cache_dir=str(cache),
                              log=lambda m: None)
@@ -197,10 +203,10 @@ def main(argv=None) -> int:
               "progressive_resize": args.progressive_resize, "epochs_done": len(metrics),
               "last_epoch_batches": metrics[-1].get("batches"), "recipe": recipe, "calibration": cal,
               "cache_build_s": cache_s, "train_call_wall_s": round(wall, 1), "epoch_end_s": stamps,
-              "val_acc_per_epoch": accs, "best_acc_in_budget": round(best, 4),
+              "val_acc_per_epoch": accs, "test_acc_in_budget": round(best, 4),
               "tta": args.tta, "tta_acc": round(tta["top1"], 4), "tta_eval_s": tta_s, "target_acc": TARGET_ACC,
               "met": best >= TARGET_ACC}
-    print(f"{recipe['arch']}: best test accuracy within {budget:.0f} s: {best:.4f} ({len(metrics)} epochs, the last "
+    print(f"{recipe['arch']}: test accuracy within {budget:.0f} s: {best:.4f} ({len(metrics)} epochs, the last "
           f"{'cut at ' + str(metrics[-1]['batches']) + ' batches' if 'batches' in metrics[-1] else 'whole'}; ends at "
           f"{stamps} s); with {args.tta} TTA {tta['top1']:.4f} ({tta_s} s more); whole call {wall:.0f} s, cache build "
           f"{cache_s} s; target >= {TARGET_ACC:.0%}: {verdict(result['met'])}", flush=True)

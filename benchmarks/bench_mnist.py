@@ -1,10 +1,13 @@
 """Time to accuracy on MNIST (official split: 60,000 train / 10,000 test PNGs): >= 99.5% test accuracy in < 2 min.
 
-resnetlab: ``resnetlab.train(data=mnist, arch=..., flip=False, <recipe>)``; the ``test/`` folder is the validation
-set, evaluated after every epoch. The cache is built first, cold, in a fresh folder, and timed on its own; each
-training call then reads that warm cache. Figures: the cache build time, each call's wall time (scan, statistics,
-every epoch with its validation, checkpoints and the run report), the total of the two, the best test accuracy
-over the epochs and the last epoch's (the best is picked on the test set, so the last is the unbiased one).
+resnetlab: ``resnetlab.train(data=mnist, arch=..., flip=False, <recipe>)``: validation is a tenth of ``train/``
+(54,000 train / 6,000 val, stratified, seed 0), evaluated after every epoch; the best checkpoint (chosen on it) is
+evaluated once on ``test/`` at the end of the call. The cache is built first, cold, in a fresh folder, and timed on
+its own; each training call then reads that warm cache. Figures: the cache build time, each call's wall time (scan,
+statistics, every epoch with its validation, checkpoints, the final test evaluation and the run report), the total
+of the two, the test accuracy (the figure checked against the target) and the validation accuracy per epoch.
+(Before the validation split was carved out of train, ``test/`` was the validation set and the best epoch was
+picked on it; figures recorded then trained on all 60,000 images.)
 Baseline: ``seed_resnet`` (the project's seed model, ``in_chans=1``) trained by the same call with the same recipe,
 alternating with resnetlab's model.
 
@@ -92,14 +95,15 @@ def train_once(data: Path, cache: Path, out: Path, recipe: dict, arch: str | Non
     wall = time.perf_counter() - t0
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     accs = [max(m.get("val_acc", 0.0), m.get("ema_val_acc", 0.0)) for m in metrics]
-    first_hit = next((i for i, a in enumerate(accs) if a >= TARGET_ACC), None)
+    first_hit = next((i for i, a in enumerate(accs) if a >= TARGET_ACC), None)  # on validation, not test
     return {"arch": res.config.arch, "epochs": len(metrics), "time_budget_min": res.config.time_budget,
             "last_epoch_batches": metrics[-1].get("batches") if metrics else None, "batch_size": res.config.batch_size,
             "lr": res.config.lr, "label_smoothing": res.config.label_smoothing, "ema": res.config.ema,
             "crop_pad": res.config.crop_pad, "wall_s": round(wall, 1),
             "train_loop_s": round(sum(m["seconds"] for m in metrics), 1), "val_acc_per_epoch": accs,
-            "epoch_end_s": stamps, "best_acc": round(res.best_acc, 4), "last_acc": accs[-1] if accs else None,
-            "s_to_target": stamps[first_hit] if first_hit is not None and first_hit < len(stamps) else None}
+            "epoch_end_s": stamps, "best_val_acc": round(res.best_acc, 4), "last_val_acc": accs[-1] if accs else None,
+            "test_acc": round(res.test["accuracy"], 4) if res.test else None,
+            "s_to_val_target": stamps[first_hit] if first_hit is not None and first_hit < len(stamps) else None}
 
 
 def main(argv=None) -> int:
@@ -124,11 +128,12 @@ def main(argv=None) -> int:
         for side, arch in sides:
             r = train_once(data, cache, runs / f"{name}-{side}", recipe, arch, epochs)
             r.update(recipe=name, side=side, total_with_cache_s=round(r["wall_s"] + cache_s, 1),
-                     met_acc=r["best_acc"] >= TARGET_ACC, met_time=r["wall_s"] < TARGET_S)
+                     met_acc=(r["test_acc"] or 0.0) >= TARGET_ACC, met_time=r["wall_s"] < TARGET_S)
             results.append(r)
-            print(f"{name} / {side} {r['arch']}: best test acc {r['best_acc']:.4f} (last {r['last_acc']:.4f}), "
+            print(f"{name} / {side} {r['arch']}: test acc {r['test_acc']:.4f} (best val {r['best_val_acc']:.4f}), "
                   f"{r['epochs']} epochs, wall {r['wall_s']:.1f} s (train loop {r['train_loop_s']:.1f} s; "
-                  f"+ cache {cache_s} s = {r['total_with_cache_s']:.1f} s); per-epoch acc {r['val_acc_per_epoch']}; "
+                  f"+ cache {cache_s} s = {r['total_with_cache_s']:.1f} s); per-epoch val acc "
+                  f"{r['val_acc_per_epoch']}; "
                   f">= {TARGET_ACC:.1%}: {verdict(r['met_acc'])}, < {TARGET_S:.0f} s: {verdict(r['met_time'])}",
                   flush=True)
     record("bench_mnist", {**info, "quick": args.quick, "cache_build_s": cache_s, "target_acc": TARGET_ACC,

@@ -89,7 +89,7 @@ def run_recipe(name: str, data: Path, cache: Path, runs: Path, device: str, comp
          "train_loop_s": round(sum(loop), 2), "first_epoch_s": loop[0] if loop else None,
          "train_loop_after_first_s": round(sum(loop[1:]), 2),
          "val_acc_per_epoch": [m.get("val_acc") for m in metrics], "tta": spec["tta"],
-         "best_acc": round(res.best_acc, 4),
+         "best_val_acc": round(res.best_acc, 4), "best_acc": round(res.test["accuracy"], 4),  # test, evaluated once
          "best_epoch": res.best_epoch, "target": spec["target"]}
     if spec["tta"]:
         t1 = time.perf_counter()

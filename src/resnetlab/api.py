@@ -22,7 +22,8 @@ import torch
 from resnetlab.data.errors import DataError
 from resnetlab.data.loader import ArrayLoader
 from resnetlab.data.pipeline import Pipeline
-from resnetlab.data.prepare import PreparedData, channel_stats, decoder_for, prepare_data
+from resnetlab.data.prepare import PreparedData, channel_stats, decoder_for, prepare_data, prepare_held_out
+from resnetlab.data.splits import overlap, read_splits, splits_record, write_splits
 from resnetlab.fileio import atomic_write
 from resnetlab.models import create_model, get_spec
 from resnetlab.training import checkpoint as ckpt
@@ -46,6 +47,22 @@ class TrainResult:
     interrupted: bool
     config: TrainConfig
     report: Path | None = None
+    test: dict | None = None  # the best checkpoint's one evaluation on the data's test split (eval.json), if any
+    best_on: str = "val"  # what best_acc measures: "val", or "train" (the training accuracy) with no validation split
+
+    def summary_lines(self) -> list[str]:
+        """The run's last lines: the best validation figure (training accuracy where there is no validation split,
+        and labelled so), then the test figures, apart."""
+        what = "val" if self.best_on == "val" else "train (no validation split)"
+        lines = []
+        if self.best_epoch >= 0:  # (none when Ctrl-C came before the first epoch's end)
+            lines.append(f"best {what} accuracy {self.best_acc:.4f} at epoch {self.best_epoch}; {self.seconds:.1f} s; "
+                         f"report: {self.report}")
+        if self.test is not None:
+            lines.append(f"test accuracy {self.test['accuracy']:.4f} (loss {self.test['loss']:.4f}) on "
+                         f"{self.test['n']} test samples, the best checkpoint evaluated once: "
+                         f"{self.run_dir / 'eval.json'}")
+        return lines
 
 
 def build_config(config: str | Path | dict | TrainConfig | None = None, **options) -> TrainConfig:
@@ -84,7 +101,10 @@ def make_pipeline(cfg: TrainConfig, prepared: PreparedData, model_ndim: int, dev
         layout="1d" if model_ndim == 1 else "2d", normalize="global", time_shift_ms=cfg.time_shift_ms,
         noise_prob=cfg.noise_prob, snr_db=tuple(cfg.snr_db), noise_dir=cfg.noise_dir, spec_augment=cfg.spec_augment,
         speed_perturb=cfg.speed_perturb, num_classes=num_classes)
-    pipe.fit_normalization(torch.from_numpy(np.array(prepared.train.x[: min(len(prepared.train), 2000)])))
+    # from clips spread over the whole training set: the cache is in class order, so its first clips are the first
+    # classes only
+    idx = init_indices(len(prepared.train), prepared.sample_shape)
+    pipe.fit_normalization(torch.from_numpy(np.array(prepared.train.x[idx])))
     return pipe
 
 
@@ -110,7 +130,8 @@ def prepare_run(cfg: TrainConfig, log=print):
         prepared = prepare_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, img_size=cfg.img_size,
                                 channels=cfg.channels, sample_rate=cfg.sample_rate, duration=cfg.duration,
                                 cache_dir=cfg.cache_dir, strict=cfg.strict_data,
-                                progress=not cfg.quiet and distributed.is_main(), stream=cfg.stream, log=log)
+                                progress=not cfg.quiet and distributed.is_main(), stream=cfg.stream,
+                                group_by=cfg.group_by, log=log)
     if cfg.progressive_resize and prepared.spec.modality != "image":
         raise ValueError(f"--progressive-resize works on images; {cfg.data} holds {prepared.spec.modality}")
     cfg = resolve(cfg, modality=prepared.spec.modality, facts=prepared.facts, n_train=len(prepared.train),
@@ -146,7 +167,12 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, prepared: PreparedDat
     log = distributed.main_only(log)
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml", {"code_version": code_version()})
+        extra = {"code_version": code_version()}
+        if prepared.spec.grouping is not None:
+            extra["grouping"] = prepared.spec.grouping.to_dict()
+        save_config(cfg, run_dir / "config.yaml", extra)
+        write_splits(run_dir, splits_record(prepared.spec, {name: ds.files for name, ds in prepared.splits().items()},
+                                            data=cfg.data))
     prec = pick_precision(device, cfg.precision, cfg.channels_last, getattr(model, "ndim", 2))
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     was_benchmark = torch.backends.cudnn.benchmark
@@ -192,7 +218,7 @@ def _fit_and_report(cfg: TrainConfig, model: torch.nn.Module, prepared: Prepared
         f"{' channels-last' if prec.channels_last else ''}; run directory {run_dir}")
     trainer = Trainer(model, pipeline, train_loader, val_loader, cfg, run_dir, meta, prec, phases=phases, log=log)
     fit = trainer.fit()
-    report = None
+    report = test = None
     best = run_dir / "checkpoints" / "best.safetensors"
     if best.exists() and distributed.is_main():
         tensors, _ = ckpt.read_checkpoint(best)
@@ -200,10 +226,32 @@ def _fit_and_report(cfg: TrainConfig, model: torch.nn.Module, prepared: Prepared
         val_pred = trainer.validate(trainer.model)
         from resnetlab.report.run_report import write_run_report
 
+        if prepared.test is not None and len(prepared.test) and not fit.interrupted:
+            test = _final_test(cfg, trainer, prepared, device, run_dir)
         report = write_run_report(run_dir, val_x=prepared.val.x if prepared.val is not None else None,
                                   val_pred=val_pred, classes=prepared.spec.classes, modality=prepared.spec.modality,
                                   pipeline=trainer.pipeline, skipped=prepared.skipped, model=trainer.model)
-    return TrainResult(run_dir, fit.best_acc, fit.best_epoch, fit.epochs, fit.seconds, fit.interrupted, cfg, report)
+    return TrainResult(run_dir, fit.best_acc, fit.best_epoch, fit.epochs, fit.seconds, fit.interrupted, cfg, report,
+                       test=test, best_on="val" if val_loader is not None else "train")
+
+
+def _final_test(cfg: TrainConfig, trainer: Trainer, prepared: PreparedData, device: torch.device,
+                run_dir: Path) -> dict:
+    """The one evaluation of the best checkpoint (loaded in ``trainer.model``) on the data's test split, after
+    training: nothing was selected on it. Writes ``eval.json`` (``"split": "test"``) and the report's test
+    figures; returns the summary."""
+    from resnetlab.report.run_report import evaluation_summary, write_eval_plots
+
+    t0 = time.perf_counter()
+    loader = ArrayLoader(prepared.test.x, prepared.test.y, max(cfg.batch_size, 256), shuffle=False, drop_last=False,
+                         device=device, workers=cfg.workers)
+    pred = predict_loader(trainer.model, trainer.pipeline, loader, trainer.prec)
+    summary = {"split": "test", **evaluation_summary(pred.logits, pred.targets, prepared.spec.classes)}
+    summary.update(checkpoint=str(run_dir / "checkpoints" / "best.safetensors"), data=str(cfg.data), tta=False,
+                   seconds=round(time.perf_counter() - t0, 3), skipped=[list(s) for s in prepared.test.skipped])
+    atomic_write(run_dir / "eval.json", json.dumps(summary, indent=1))
+    write_eval_plots(run_dir / "report", summary, prepared.spec.classes, prefix="test_")
+    return summary
 
 
 DATA_INIT_SAMPLES = 5000  # training samples a data-dependent initialisation (a whitening stem) looks at;
@@ -249,7 +297,8 @@ def resumed_config(cls, cfg, options: dict):
     if not cfg.out or not (Path(cfg.out) / "config.yaml").exists():
         raise ValueError(f"--resume needs --out pointing at an existing run directory (got {cfg.out!r})")
     saved = load_yaml(Path(cfg.out) / "config.yaml")
-    saved.pop("code_version", None)
+    for key in ("code_version", "grouping"):  # what the run found, saved beside its options
+        saved.pop(key, None)
     explicit = {k: v for k, v in options.items() if k in ("quiet", "device")}
     ignored = sorted(k for k, v in options.items()
                      if k not in explicit and k not in ("resume", "out", "data", "config") and v is not None
@@ -283,9 +332,8 @@ def train(data: str | None = None, *, config: str | Path | dict | TrainConfig | 
     model = new_model(cfg.arch, prepared, pipeline, log, **overrides)
     meta = model_meta(cfg, prepared, in_chans, overrides)
     result = run_training(cfg, model, prepared, pipeline, device, meta, log=log)
-    if result.best_epoch >= 0:  # (none when Ctrl-C came before the first epoch's end)
-        log(f"best val accuracy {result.best_acc:.4f} at epoch {result.best_epoch}; "
-            f"{result.seconds:.1f} s; report: {result.report}")
+    for line in result.summary_lines():
+        log(line)
     return result
 
 
@@ -294,8 +342,11 @@ def evaluate(run_or_checkpoint: str | Path, data: str, *, tta: bool | str = Fals
              strict_data: bool = False, log=print) -> dict:
     """Top-1/top-5 accuracy, per-class precision/recall/F1 and a confusion matrix of a trained model on ``data``.
 
-    Uses the held-out split of ``data`` when it has one (``val/``, ``test/`` or a CSV split column), else every
-    file. Writes ``eval.json`` and ``eval_confusion.png`` into ``out`` (default: the run directory).
+    Uses the test split of ``data`` when it has one (``test/``, CSV ``test`` rows), else its validation split
+    (``val/``, ``val`` rows), else every file. Writes ``eval.json`` (``"split"`` says which was read) and
+    ``eval_confusion.png`` into ``out`` (default: the run directory). When the run's ``splits.json`` shows that it
+    trained or validated on some of these files, a one-line warning goes to stderr and ``eval.json`` counts them
+    (``"overlap"``).
     ``tta``: ``"flip"`` (or ``True``) or ``"flip-shift"`` test-time augmentation (``predict_loader``).
     """
     from resnetlab.report.run_report import evaluation_summary, write_eval_plots
@@ -306,16 +357,13 @@ def evaluate(run_or_checkpoint: str | Path, data: str, *, tta: bool | str = Fals
     model, pipeline, meta = load_model(run_or_checkpoint, device=device)
     dev = next(model.parameters()).device
     pc = meta["pipeline"]
-    facts = ({"img_size": pc["size"][0], "channels": pc["channels"]} if pc["modality"] == "image" else
+    facts = ({"img_size": tuple(pc["size"]), "channels": pc["channels"]} if pc["modality"] == "image" else
              {"sample_rate": pc["sample_rate"], "num_samples": pc["num_samples"],
               "duration": pc["num_samples"] / pc["sample_rate"]})
-    if pc["modality"] == "image":
-        facts["img_size"] = tuple(pc["size"])
-    prepared = prepare_data(data, modality_facts=facts, val_fraction=0.0, classes=meta["classes"],
-                            cache_dir=cache_dir, strict=strict_data, log=log)
-    if prepared.spec.modality != pc["modality"]:
-        raise DataError(f"{data} holds {prepared.spec.modality} files but the model was trained on {pc['modality']}")
-    arrays = prepared.val if prepared.val is not None and len(prepared.val) else prepared.train
+    _, split, arrays = prepare_held_out(data, modality=pc["modality"], modality_facts=facts, classes=meta["classes"],
+                                        cache_dir=cache_dir, strict=strict_data, log=log)
+    run_dir = Path(meta["checkpoint"]).parent.parent
+    shared = _training_overlap(run_dir, arrays.files)
     loader = ArrayLoader(arrays.x, arrays.y, batch_size, shuffle=False, drop_last=False, device=dev)
     prec = inference_precision(dev, meta, getattr(model, "ndim", 2), channels_last=None)
     model = model.to(memory_format=torch.channels_last) if prec.channels_last else model
@@ -323,10 +371,12 @@ def evaluate(run_or_checkpoint: str | Path, data: str, *, tta: bool | str = Fals
     if tta == "flip-shift" and getattr(model, "ndim", 2) != 2:
         tta = "flip"  # what predict_loader does for 1-D inputs: no shifts; eval.json says what was applied
     pred = predict_loader(model, pipeline, loader, prec, tta=tta)
-    summary = evaluation_summary(pred.logits, pred.targets, meta["classes"])
+    summary = {"split": split, **evaluation_summary(pred.logits, pred.targets, meta["classes"])}
     summary.update(checkpoint=meta["checkpoint"], data=str(data), tta=tta, seconds=round(time.perf_counter() - t0, 3),
-                   skipped=[list(s) for s in prepared.skipped])
-    out_dir = Path(out) if out else Path(meta["checkpoint"]).parent.parent
+                   skipped=[list(s) for s in arrays.skipped])
+    if shared is not None:
+        summary["overlap"] = shared
+    out_dir = Path(out) if out else run_dir
     if not out and not (out_dir / "config.yaml").exists():
         out_dir = Path(meta["checkpoint"]).parent
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -334,6 +384,23 @@ def evaluate(run_or_checkpoint: str | Path, data: str, *, tta: bool | str = Fals
     write_eval_plots(out_dir, summary, meta["classes"], prefix="eval_")
     summary["eval_json"] = str(out_dir / "eval.json")
     return summary
+
+
+def _training_overlap(run_dir: Path, files: list[str]) -> dict | None:
+    """How many of ``files`` the run in ``run_dir`` trained or validated on (its ``splits.json``), with a one-line
+    warning on stderr when any; ``None`` when the run has no ``splits.json``."""
+    record = read_splits(run_dir)
+    if record is None:
+        return None
+    found = overlap(files, record)
+    if found["train"] or found["val"]:
+        parts = [f"{found[name]} in its {what} split" for name, what in (("train", "training"), ("val", "validation"))
+                 if found[name]]
+        by = "path or content" if found["by"] == "path+content" else "path"
+        print(f"warning: {found['train'] + found['val']} of the {len(files)} evaluated files were seen by this run "
+              f"({' and '.join(parts)}; matched by {by} against {run_dir / 'splits.json'}): these figures do not "
+              f"measure unseen data", file=sys.stderr, flush=True)
+    return found
 
 
 def predict(run_or_checkpoint: str | Path, inputs, *, top_k: int = 5, batch_size: int = 64,
@@ -447,9 +514,8 @@ def finetune(data: str | None = None, *, pretrained: str | None = None, config=N
     meta["pretrained"] = {"source": cfg.pretrained, "format": cw.format, "loaded": len(report.loaded),
                           "reshaped": report.reshaped, "new": report.new, "ignored": len(report.ignored)}
     result = run_training(cfg, model, prepared, pipeline, device, meta, phases=phases, log=log)
-    if result.best_epoch >= 0:  # (none when Ctrl-C came before the first epoch's end)
-        log(f"best val accuracy {result.best_acc:.4f} at epoch {result.best_epoch}; "
-            f"{result.seconds:.1f} s; report: {result.report}")
+    for line in result.summary_lines():
+        log(line)
     return result
 
 

@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   resnetlab models 'resnet*'                      list architectures with params and MACs
   resnetlab demo                                  train, evaluate and predict on the embedded digits
   resnetlab train --data DIR --epochs 10          train from scratch on a folder of class subfolders
+  resnetlab train --data DIR --group-by '^([^_]+)_'   validation by whole groups (the name before the first _)
   resnetlab train --config run.yaml --lr 0.05     a YAML config, one value overridden
   resnetlab train --out runs/x --resume           continue an interrupted run
   resnetlab evaluate runs/x --data DIR --tta      accuracy, per-class F1, confusion matrix
@@ -70,8 +71,10 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="accuracy, per-class F1 and confusion matrix of a trained model",
                        description="Evaluate a run (its best checkpoint) or a checkpoint file on a dataset. Uses the "
-                                   "dataset's val/ or test/ split when it has one, else every file. Writes eval.json "
-                                   "and eval_confusion.png beside the checkpoint's run.")
+                                   "dataset's test split when it has one (test/, CSV test rows), else its val/ split, "
+                                   "else every file, and warns when the run trained or validated on some of those "
+                                   "files (its splits.json). Writes eval.json and eval_confusion.png beside the "
+                                   "checkpoint's run.")
     e.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
     e.add_argument("--data", required=True, help="dataset folder, CSV manifest or builtin:NAME")
     e.add_argument("--tta", action="store_true", help="average predictions with horizontally flipped inputs")

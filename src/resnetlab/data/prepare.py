@@ -122,13 +122,17 @@ def prepare_data(data: str, *, modality_facts: dict | None = None, val_fraction:
     return PreparedData(spec, arrays["train"], arrays.get("val"), decoding[1], facts, test=arrays.get("test"))
 
 
-def prepare_held_out(data: str, *, modality_facts: dict, classes: list[str], cache_dir: str | None = None,
-                     strict: bool = False, progress: bool = True, log=print) -> tuple[DatasetSpec, str, ArrayDataset]:
-    """What an evaluation of a trained model reads from ``data``, decoded as the model was trained:
-    ``(spec, split, arrays)`` with ``split`` ``"test"`` (the data's test split), else ``"val"`` (its own
-    validation split), else ``"all"`` (every file). The other splits are not decoded."""
+def prepare_held_out(data: str, *, modality: str, modality_facts: dict, classes: list[str],
+                     cache_dir: str | None = None, strict: bool = False, progress: bool = True,
+                     log=print) -> tuple[DatasetSpec, str, ArrayDataset]:
+    """What an evaluation of a trained model reads from ``data``, decoded as the model was trained (its
+    ``modality`` and ``modality_facts``): ``(spec, split, arrays)`` with ``split`` ``"test"`` (the data's test
+    split), else ``"val"`` (its own validation split), else ``"all"`` (every file). The other splits are not
+    decoded. A ``DataError`` when ``data`` holds the other modality."""
     spec = scan_dataset(resolve_builtin(data), val_fraction=0.0, classes=classes, group_by="none")
     log(spec.summary())
+    if spec.modality != modality:
+        raise DataError(f"{data} holds {spec.modality} files but the model was trained on {modality}")
     split, items = spec.held_out()
     if not items:
         raise DataError(f"{data}: no {'test ' if split == 'test' else ''}files to evaluate")

@@ -1,7 +1,8 @@
 """The run report: one self-contained ``report/index.html`` summarising a run directory.
 
 It reads what the run left behind and writes nothing else: ``config.yaml`` (shown as saved),
-``metrics.jsonl`` (the per-epoch table and the headline figures), ``eval.json`` (if the run was evaluated),
+``metrics.jsonl`` (the per-epoch table and the headline figures), ``eval.json`` (the run's one evaluation on its
+data's test split, shown apart from validation, or a later ``resnetlab evaluate``),
 ``report/skipped.txt`` (files the data loader skipped) and every ``report/*.png`` (linked relatively, so the
 folder can be copied or zipped as a whole). No scripts, fonts or styles are fetched: it opens offline.
 """
@@ -163,6 +164,25 @@ def _headline(records: Sequence[Mapping]) -> tuple[str, int | None]:
     return _cards(items), best_i
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _test_headline(evaluation: Mapping) -> str:
+    """Cards with the test figures, apart from the validation ones: the best checkpoint's one evaluation."""
+    items = [("test accuracy", _pct(evaluation.get("accuracy")))]
+    if isinstance(evaluation.get("loss"), (int, float)):
+        items.append(("test loss", f"{evaluation['loss']:.4f}"))
+    if isinstance(evaluation.get("n"), int):
+        items.append(("test samples", f"{evaluation['n']:,}"))
+    return ("<h2>Test set</h2><p>The best checkpoint, evaluated once after training on the data's test split: "
+            "no checkpoint, epoch or setting was chosen on it (validation figures are above and below).</p>"
+            + _cards(items))
+
+
 def _eval_section(data) -> str:
     if not isinstance(data, Mapping):
         return f"<pre>{escape(json.dumps(data, indent=2, default=str))}</pre>"
@@ -250,6 +270,9 @@ def write_report(run_dir: Path) -> Path:
     sections = []
     headline, best_i = _headline(records)
     sections.append(f"<h2>Summary</h2>{headline}")
+    evaluation = _read_json(run_dir / "eval.json")
+    if isinstance(evaluation, Mapping) and evaluation.get("split") == "test":
+        sections.append(_test_headline(evaluation))
 
     order = list(CAPTIONS)
     pngs = sorted(report_dir.glob("*.png"),
@@ -264,8 +287,9 @@ def write_report(run_dir: Path) -> Path:
     if records:
         sections.append(f"<h2>Metrics per epoch</h2>{_table(records, _columns(records), best_i)}")
 
-    for path, heading in ((run_dir / "eval.json", "Evaluation"),
-                          (report_dir / "val_summary.json", "Validation set, final model")):
+    tested = isinstance(evaluation, Mapping) and evaluation.get("split") == "test"
+    for path, heading in ((run_dir / "eval.json", "Test set, best checkpoint" if tested else "Evaluation"),
+                          (report_dir / "val_summary.json", "Validation set, best checkpoint")):
         if path.is_file():
             try:
                 body = _eval_section(json.loads(path.read_text(encoding="utf-8")))

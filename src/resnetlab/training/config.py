@@ -66,8 +66,14 @@ class TrainConfig:
     # data
     data: str | None = _opt(None, "dataset: a folder (class subfolders, or train/ + val|test/), a CSV manifest "
                                   "(path,label), or builtin:digits / builtin:spoken-digits", group="data")
-    val_fraction: float = _opt(0.1, "fraction of each class held out for validation when the data has no split",
-                               group="data", check=FRACTION)
+    val_fraction: float = _opt(0.1, "fraction of each class carved out of train for validation when the data has no "
+                                    "validation split of its own (a test split is never validated on: it is "
+                                    "evaluated once, at the end)", group="data", check=FRACTION)
+    group_by: str | None = _opt(None, "regular expression whose first capture group, matched on each file name, "
+                                      "names its group (a speaker, a patient, a typeface): the validation split "
+                                      "takes whole groups (default: a CSV group column, or the Speech Commands "
+                                      "SPEAKER_nohash_N and FSDD DIGIT_SPEAKER_TAKE namings when the files follow "
+                                      "them; none: off)", group="data", metavar="REGEX")
     img_size: int | None = _opt(None, "image side in pixels (default: the median size of the data, capped at 224)",
                                 group="data", check=Range(8))
     channels: int | None = _opt(None, "image channels: 1 or 3 (default: 1 when every image is grayscale)", (1, 3),
