@@ -628,6 +628,15 @@ def test_cli_allow_host_option():
         make_server(SlowPredictor(), "127.0.0.1", 0, allow_hosts=["a:b"])
 
 
+def test_cli_serve_refuses_bad_limits_before_loading_the_model(tmp_path, capsys):
+    from resnetlab.cli import main
+
+    assert main(["serve", str(tmp_path / "nope"), "--port", "0", "--max-connections", "0"]) == 2
+    assert "max_connections must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "nope"), "--port", "0", "--allow-host", "x:y"]) == 2
+    assert "--allow-host 'x:y'" in capsys.readouterr().err
+
+
 # --- end to end in a real browser ------------------------------------------------------------------------
 
 

@@ -5,8 +5,10 @@ Endpoints:
 - ``POST /predict``: the file in multipart field ``file`` (or the raw file as the body, any other content type,
   with ``?filename=`` to name it). Query: ``top_k`` (default 5), ``explain=1`` to add the Grad-CAM picture as
   a base64 PNG data URL. Answers ``{"file", "top_k": [{"label", "prob"}], "heatmap"?, "batch_size",
-  "timing_ms"}``; errors are ``{"error": message}`` with 400 (bad file, bad field, bad query), 411 (no
-  length), 413 (too large), 503 (queue full), 504 (timed out).
+  "timing_ms"}``; errors are ``{"error": message, "status"}`` with 400 (bad file, bad field, bad query, bad
+  framing), 403 (foreign Host or Origin), 408 (request not sent within the deadline), 411 (no length, or
+  chunked), 413 (too large), 414/431 (request line/headers too large), 500 (unexpected error, details in the
+  server's log), 503 (connections, decodes or queue full), 504 (timed out).
 - ``GET /health``: ``{"status": "ok", ...}`` with request and batch counters.
 - ``GET /info``: modality, classes, input size, backend (the page reads it).
 - ``GET /``: the page: drop or choose an image or audio file, or record from the microphone (the page
@@ -99,6 +101,9 @@ class Limits:
         for name in ("request_deadline", "max_audio_seconds"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for entry in self.allow_hosts:
+            if _split_host(entry) is None:
+                raise ValueError(f"--allow-host {entry!r}: expected NAME or NAME:PORT")
 
 
 class RequestError(Exception):
@@ -654,11 +659,9 @@ class ResnetlabServer(ThreadingHTTPServer):
     def _allowed_hosts(self) -> set[tuple[str, int | None]]:
         host, port = self.server_address[:2]
         allowed: set[tuple[str, int | None]] = {(h, port) for h in ("localhost", "127.0.0.1", "::1", host.lower())}
-        for entry in self.limits.allow_hosts:
-            parsed = _split_host(entry, default_port=-1)
-            if parsed is None:
-                raise ValueError(f"--allow-host {entry!r}: expected NAME or NAME:PORT")
-            allowed.add((parsed[0], None if parsed[1] == -1 else parsed[1]))
+        for entry in self.limits.allow_hosts:  # checked by Limits
+            name, entry_port = _split_host(entry, default_port=-1)
+            allowed.add((name, None if entry_port == -1 else entry_port))
         return allowed
 
     def host_allowed(self, value: str, default_port: int = 80) -> bool:
@@ -697,13 +700,17 @@ def make_server(predictor, host: str = "127.0.0.1", port: int = 8000, *, max_upl
 
     ``request_timeout``: seconds a request waits for a decode slot and for its answer from the model.
     ``limits``: the fields of :class:`Limits` other than ``max_upload_bytes`` (given as ``max_upload_mb``)."""
+    return ResnetlabServer((host, port), predictor, limits=_limits(max_upload_mb, **limits), max_batch=max_batch,
+                           max_wait_ms=max_wait_ms, max_queue=max_queue, top_k=top_k,
+                           request_timeout=request_timeout, verbose=verbose)
+
+
+def _limits(max_upload_mb: float = MAX_UPLOAD_MB, **limits) -> Limits:
     if max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb must be > 0, got {max_upload_mb}")
     if "allow_hosts" in limits:
         limits["allow_hosts"] = tuple(limits["allow_hosts"] or ())
-    lim = Limits(max_upload_bytes=int(max_upload_mb * 2**20), **limits)
-    return ResnetlabServer((host, port), predictor, limits=lim, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                           max_queue=max_queue, top_k=top_k, request_timeout=request_timeout, verbose=verbose)
+    return Limits(max_upload_bytes=int(max_upload_mb * 2**20), **limits)
 
 
 def _stop_on_signals() -> None:
@@ -727,6 +734,7 @@ def serve(run_or_checkpoint: str | os.PathLike, *, host: str = "127.0.0.1", port
     """Load a run's model and serve it until interrupted (Ctrl-C). ``options`` go to :func:`make_server`."""
     from resnetlab.deploy.predictor import Predictor
 
+    _limits(**{k: v for k, v in options.items() if k in Limits.__dataclass_fields__ or k == "max_upload_mb"})
     predictor = Predictor.load(run_or_checkpoint, backend=backend, device=device, threads=threads, log=log)
     server = make_server(predictor, host, port, **options)
     info = predictor.info()
