@@ -13,12 +13,15 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from torch import nn
 
 import resnetlab
+import tiny_fit
 from conftest import tiny_options, write_class_folders
 from resnetlab.cli import main
 from resnetlab.models import create_model
@@ -81,6 +84,21 @@ def pretrained(trained_run) -> Path:
 def rgb4(tmp_path_factory) -> Path:
     """4 classes of 16x16 RGB images: a new task for the 3-class checkpoint (so its head is replaced)."""
     return write_class_folders(tmp_path_factory.mktemp("rgb4") / "data", classes=4, per_class=6, seed=7)
+
+
+@pytest.fixture(scope="module")
+def new_task(tmp_path_factory) -> Path:
+    """4 classes of 16x16 RGB images, 6 each: the pretrained net's three bright halves (top, bottom, left) and a
+    dark class. Separable from its features, so a head trained on them scores far above chance (0.25). (A
+    right-half class, as in ``rgb4``, is not: with the backbone frozen it was confused with another class in most
+    of our runs, the best accuracy stuck at 0.75.)"""
+    root = write_class_folders(tmp_path_factory.mktemp("new_task") / "data", classes=3, per_class=6, seed=7)
+    rng = np.random.default_rng(8)
+    (root / "c3").mkdir()
+    for i in range(6):
+        dark = np.clip(np.full((16, 16), 40.0) + rng.normal(0, 12, size=(16, 16)), 0, 255).astype(np.uint8)
+        Image.fromarray(np.repeat(dark[:, :, None], 3, axis=2)).save(root / "c3" / f"{i}.png")
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -286,21 +304,25 @@ def test_gradual_keeps_the_bn_of_still_frozen_stages_in_eval_mode(tmp_path, pret
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_finetune_each_strategy_from_a_resnetlab_checkpoint(tmp_path, pretrained, rgb4, strategy):
-    result = resnetlab.finetune(str(rgb4), pretrained=str(pretrained), strategy=strategy, log=_quiet,
-                                **_ft_options(tmp_path, epochs=3))
+def test_finetune_each_strategy_from_a_resnetlab_checkpoint(tmp_path, pretrained, new_task, strategy):
+    """Each strategy learns the new task: 6 of the 8 validation images or more (chance: 2). Measured over seeds
+    0-2, every strategy's best was 0.75 or 1.0; with the learning rate at 0 (nothing trains) it is 0.5 or less."""
+    result = resnetlab.finetune(str(new_task), pretrained=str(pretrained), strategy=strategy, log=_quiet,
+                                **_ft_options(tmp_path, epochs=5, lr=0.1))
     run = Path(result.run_dir)
     _assert_run_dir(run)
-    assert result.epochs == 3 and not result.interrupted and 0 <= result.best_acc <= 1
+    assert result.epochs == 5 and not result.interrupted
+    assert result.best_acc >= 0.75, result.best_acc
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["strategy"] == strategy and cfg["pretrained"] == str(pretrained) and cfg["arch"] == "resnet20"
     _, meta = read_checkpoint(run / "checkpoints" / "last.safetensors")
     assert meta["pretrained"]["source"] == str(pretrained) and meta["pretrained"]["format"] == "resnetlab"
     assert meta["pretrained"]["new"] == ["fc.weight", "fc.bias"] and meta["num_classes"] == 4
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [1, 2, 3] and all(math.isfinite(r["train_loss"]) for r in records)
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5]
+    assert all(math.isfinite(r["train_loss"]) for r in records)
     # the fine-tuned run is an ordinary run: it predicts
-    (pred,) = resnetlab.predict(run, [next((rgb4 / "c0").iterdir())], top_k=2, device="cpu")
+    (pred,) = resnetlab.predict(run, [next((new_task / "c0").iterdir())], top_k=2, device="cpu")
     assert len(pred["top_k"]) == 2
 
 
@@ -447,6 +469,39 @@ def test_lr_find_writes_plot_and_json_with_a_finite_suggestion(tmp_path, tiny_da
     assert saved["suggestion"] == res["suggestion"] and math.isfinite(res["suggestion"])
     assert 1e-6 <= res["suggestion"] <= 1.0 and len(saved["lrs"]) == len(saved["losses"]) >= 3
     assert saved["lrs"] == sorted(saved["lrs"]) and saved["lrs"][0] == pytest.approx(1e-5)
+
+
+def _noisy_rows(n: int = 192, noise: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """4x4 images of 3 classes (which of the first three rows is bright), a ``noise`` fraction of the labels
+    redrawn at random: the loss cannot reach 0, so too high a rate shows (on clean data it would not: once the
+    model fits, its gradients vanish and any rate is harmless)."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, size=n)
+    x = rng.integers(0, 100, size=(n, 1, 4, 4))
+    x[np.arange(n), 0, y, :] += 150
+    y = np.where(rng.random(n) < noise, rng.integers(0, 3, size=n), y)
+    return x.astype(np.uint8), y
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_lr_find_suggests_a_rate_within_3x_of_the_best_fixed_rate(tmp_path, scale):
+    """The known-good rate: the best of fixed rates a factor ~2 apart, each training the same tiny model for 24
+    steps (the lowest final-epoch loss). Inputs 10x larger make the loss 100x more curved, so the good rate moves
+    down ~30x (measured: 0.05 at scale 1, 0.003 at 10); the suggestion must follow it."""
+    from resnetlab.training.lr_find import lr_range_test
+
+    x, y = _noisy_rows()
+    plain = dict(weight_decay=0.0, label_smoothing=0.0, momentum=0.9)
+    res = lr_range_test(tiny_fit.trainer(tmp_path / "lrf", x, y, 16, scale=scale, lr=0.1, epochs=1, **plain),
+                        start_lr=1e-4, end_lr=100.0, steps=60)
+    final_loss = {}
+    for lr in np.geomspace(1e-3, 0.5, 10):
+        t = tiny_fit.trainer(tmp_path / f"lr{lr:.2g}", x, y, 16, scale=scale, lr=float(lr), epochs=2,
+                             schedule="constant", **plain)
+        t.fit()
+        final_loss[float(lr)] = t.history[-1]["train_loss"]
+    best = min(final_loss, key=final_loss.get)
+    assert best / 3 <= res.suggestion <= best * 3, (res.suggestion, best, final_loss)
 
 
 def test_cli_lr_find_from_a_pretrained_checkpoint(tmp_path, pretrained, rgb4, capsys):

@@ -25,13 +25,16 @@ from resnetlab.training.precision import pick_precision
 
 
 class Identity(Pipeline):
-    """uint8 images to floats; no augmentation, so two runs see exactly the same inputs."""
+    """uint8 images to floats in [0, ``scale``]; no augmentation, so two runs see exactly the same inputs."""
 
     modality = "image"
     num_classes = 3
 
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
+
     def __call__(self, x, y, train, generator=None):  # the signature from before index and epoch existed
-        return x.float() / 255.0, y
+        return x.float() * (self.scale / 255.0), y
 
     def input_size(self):
         return (1, 4, 4)
@@ -46,22 +49,28 @@ def tiny_model() -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
 
 
+def trainer(out: Path, x: np.ndarray, y: np.ndarray, batch_size: int, *, scale: float = 1.0,
+            **options) -> Trainer:
+    """A ``Trainer`` of a fresh ``tiny_model`` on uint8 ``x`` (N, 1, 4, 4) and labels ``y`` in 0..2, on the CPU in
+    fp32, this rank's shard under torchrun; ``options`` are ``TrainConfig`` fields (lr, epochs, ...)."""
+    cfg = make_config(TrainConfig, {"batch_size": batch_size, "warmup_epochs": 0.0, "grad_norm_every": 0,
+                                   "quiet": True, "out": str(out), **options})
+    loader = ArrayLoader(x, y, batch_size, shuffle=True, drop_last=True, seed=0, rank=distributed.rank(),
+                         world_size=distributed.world_size())
+    prec = pick_precision(torch.device("cpu"), "fp32", False)
+    return Trainer(tiny_model(), Identity(scale), loader, None, cfg, out, {}, prec, log=lambda m: None)
+
+
 def fit(out: Path, batch_size: int, accum_steps: int = 1, epochs: int = 3) -> dict[str, torch.Tensor]:
-    """Train ``tiny_model`` on 48 fixed samples (per-process ``batch_size``; this rank's shard under torchrun);
-    return its final weights. Every rank returns its own copy (DDP keeps them equal)."""
+    """Train ``tiny_model`` on 48 fixed samples (per-process ``batch_size``); return its final weights. Every rank
+    returns its own copy (DDP keeps them equal)."""
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(48, 1, 4, 4), dtype=np.uint8)
     y = rng.integers(0, 3, size=48)
-    model = tiny_model()
-    cfg = make_config(TrainConfig, {"batch_size": batch_size, "accum_steps": accum_steps, "epochs": epochs,
-                                   "lr": 0.1, "weight_decay": 1e-3, "warmup_epochs": 0.0, "label_smoothing": 0.1,
-                                   "grad_norm_every": 0, "quiet": True, "out": str(out)})
-    loader = ArrayLoader(x, y, batch_size, shuffle=True, drop_last=True, seed=0, rank=distributed.rank(),
-                          world_size=distributed.world_size())
-    prec = pick_precision(torch.device("cpu"), "fp32", False)
-    trainer = Trainer(model, Identity(), loader, None, cfg, out, {}, prec, log=lambda m: None)
-    trainer.fit()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    t = trainer(out, x, y, batch_size, accum_steps=accum_steps, epochs=epochs, lr=0.1, weight_decay=1e-3,
+                label_smoothing=0.1)
+    t.fit()
+    return {k: v.detach().clone() for k, v in t.model.state_dict().items()}
 
 
 if __name__ == "__main__":  # under torchrun: OUT BATCH
