@@ -232,6 +232,22 @@ def test_a_recording_longer_than_the_limit_is_refused(tmp_path, monkeypatch):
     assert read_audio(path)[0].shape == (500,)
 
 
+def test_a_header_that_overstates_the_length_costs_only_the_memory_of_what_is_there(tmp_path):
+    """Before: soundfile allocated the declared 2**26 frames (256 MiB) for a 2 KB FLAC, then found it truncated."""
+    import tracemalloc
+
+    path = tmp_path / "liar.flac"
+    path.write_bytes(hostile_files.flac(declared_frames=2**26))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match="truncated|cannot decode"):
+            decode_audio(path, 8000, 400)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20, f"{peak:,} bytes"
+
+
 @pytest.mark.timeout(30)  # before the fix the 600 MHz file never returned
 @pytest.mark.parametrize("rate", [600_000_000, 768_001, 999, 1])
 def test_a_sample_rate_outside_the_sane_range_is_refused_from_the_header(tmp_path, rate):

@@ -70,6 +70,7 @@ MAX_AUDIO_VALUES = 2**27  # samples (frames x channels) one file may hold: 512 M
 # makes the resampler blow up (1 Hz -> 16 kHz writes 16,000 samples per input sample: 6 GB from a 100 KB file) or,
 # before the ratio search was bounded, spin forever (600 MHz -> 16 kHz).
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1_000, 768_000
+_READ_BLOCK_FRAMES = 1 << 20
 MAX_RESAMPLED_VALUES = MAX_AUDIO_VALUES  # samples a resampled clip may have (the resampler's output is float32)
 # Bump when decoding changes what a file decodes to (resampler, mixdown, rounding): part of the cache key, so caches
 # built by an older decoder are not reused (data/prepare.py adds it with the decoding libraries' versions).
@@ -125,7 +126,7 @@ def read_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple
                                 f"than {MAX_AUDIO_VALUES:,} samples; a damaged file, or a recording to cut into clips")
             if known_length and sample_rate is not None:
                 _check_resampled_length(path, declared_frames, native_rate, sample_rate)
-            data = f.read(frames=MAX_AUDIO_VALUES // max(f.channels, 1) + 1, dtype="float32", always_2d=True)
+            data = _read_blocks(f, MAX_AUDIO_VALUES // max(f.channels, 1) + 1)
             if data.size > MAX_AUDIO_VALUES:  # a stream of unknown length that turned out too long
                 raise DataError(f"{path}: more than {MAX_AUDIO_VALUES:,} samples; cut the recording into clips")
     except DataError:
@@ -144,6 +145,22 @@ def read_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple
         _check_resampled_length(path, len(wave), native_rate, sample_rate)  # a stream whose length was not declared
         return resample(wave, native_rate, sample_rate), sample_rate
     return wave, native_rate
+
+
+def _read_blocks(f: sf.SoundFile, max_frames: int) -> np.ndarray:
+    """Up to ``max_frames`` frames as float32 ``(T, channels)``, read in blocks: memory follows the frames the file
+    really holds, not the count its header declares (soundfile allocates the whole declared length up front, so a
+    1 KB FLAC declaring 2**27 frames took 512 MiB before failing as truncated)."""
+    blocks, total = [], 0
+    while total < max_frames:
+        block = f.read(frames=min(_READ_BLOCK_FRAMES, max_frames - total), dtype="float32", always_2d=True)
+        if not len(block):
+            break
+        blocks.append(block)
+        total += len(block)
+    if len(blocks) == 1:
+        return blocks[0]
+    return np.concatenate(blocks) if blocks else np.zeros((0, f.channels), np.float32)
 
 
 def check_sample_rate(path: str | os.PathLike, rate: int) -> None:
