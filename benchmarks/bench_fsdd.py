@@ -191,8 +191,8 @@ def main(argv=None) -> int:
     for seed in range(seeds):  # the two sides alternate, so both see the same load on average
         r = train(data, recipe, cache, runs / f"official-resnetlab-{seed}", seed=seed)
         ours_runs.append(r)
-        print(f"  resnetlab {r['arch']} seed {seed}: test accuracy {r['final_acc']:.4f} after {r['epochs']} epochs "
-              f"(best val {r['best_val_acc']:.4f} at epoch {r['best_epoch']}); train wall "
+        print(f"  resnetlab {r['arch']} seed {seed}: test accuracy {r['final_acc']:.4f} (the checkpoint of epoch "
+              f"{r['best_epoch']} of {r['epochs']}, best val {r['best_val_acc']:.4f}); train wall "
               f"{r['train_wall_s']} s ({r['train_cpu_s']} s CPU, epochs {r['epoch_loop_s']} s); "
               f"load {r['loadavg_1min']}", flush=True)
         if not args.skip_baseline:

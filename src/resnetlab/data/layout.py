@@ -77,6 +77,9 @@ class Grouping:
             what = f"--group-by '{self.regex}'" if self.regex is not None else "the CSV's group column"
         counts = ", ".join(f"{n} in {split}" for split, n in self.groups.items() if n)
         shared = "".join(f"; {n} in both {pair.replace('/', ' and ')}" for pair, n in self.shared.items() if n)
+        if not self.applied and self.source in GROUP_CONVENTIONS:  # the note says it: the split ignored the groups
+            counts = ", ".join(f"{n} in {split}" for split, n in self.groups.items() if n and split != "val")
+            shared = ""
         alone = f"; {self.unmatched} files matched no {self.unit} (each on its own)" if self.unmatched else ""
         if self.applied:
             off = "; --group-by none turns it off" if self.source != "--group-by" else ""
