@@ -115,25 +115,23 @@ def test_predict_evaluate_and_the_server_return_the_same_probabilities(tmp_path,
                   for r in predicted}
     assert len(by_predict) == 6
 
-    seen = {}
-    prepare = resnetlab.api.prepare_data
+    seen = {}  # what evaluate read (its held-out files) and computed (the logits it scores)
+    held_out, predict_loader = resnetlab.api.prepare_held_out, resnetlab.api.predict_loader
 
-    def keep_prepared(*args, **kwargs):
-        seen["prepared"] = prepare(*args, **kwargs)
-        return seen["prepared"]
+    def keep_files(*args, **kwargs):
+        out = held_out(*args, **kwargs)
+        seen["files"] = list(out[-1].files)
+        return out
 
-    import resnetlab.report.run_report as run_report
+    def keep_logits(*args, **kwargs):
+        pred = predict_loader(*args, **kwargs)
+        seen["logits"] = pred.logits.clone()
+        return pred
 
-    summary = run_report.evaluation_summary
-
-    def keep_logits(logits, targets, classes):
-        seen["logits"] = logits.clone()
-        return summary(logits, targets, classes)
-
-    monkeypatch.setattr(resnetlab.api, "prepare_data", keep_prepared)
-    monkeypatch.setattr(run_report, "evaluation_summary", keep_logits)
+    monkeypatch.setattr(resnetlab.api, "prepare_held_out", keep_files)
+    monkeypatch.setattr(resnetlab.api, "predict_loader", keep_logits)
     resnetlab.evaluate(run, str(data), device="cpu", out=tmp_path / "eval", batch_size=4)
-    files = [Path(f).relative_to(data).as_posix() for f in seen["prepared"].train.files]
+    files = [Path(f).relative_to(data).as_posix() for f in seen["files"]]
     probs = seen["logits"].softmax(1)
     by_evaluate = {f: {f"c{j}": float(probs[i, j]) for j in range(3)} for i, f in enumerate(files)}
     assert sorted(by_evaluate) == sorted(by_predict)
