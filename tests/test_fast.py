@@ -15,7 +15,7 @@ import resnetlab
 from conftest import FakeClock, assert_one_line_error, run_cli, tiny_options, train_argv
 from resnetlab.models.fast import FastResNet
 from resnetlab.training.checkpoint import read_checkpoint
-from resnetlab.training.evaluate import _tta_views, tta_mode
+from resnetlab.training.inference import _tta_views, tta_mode
 
 
 def _quiet(msg: str) -> None:

@@ -32,7 +32,7 @@ from resnetlab.training.config import TrainConfig, inert_options, load_yaml, mak
 from resnetlab.training.defaults import resolve
 from resnetlab.training.engine import Phase, Trainer
 from resnetlab.training.evaluate import predict_loader
-from resnetlab.training.inference import forward_logits, predict_files
+from resnetlab.training.inference import forward_logits, predict_files, tta_mode
 from resnetlab.training.precision import pick_device, pick_precision
 from resnetlab.training.run_dir import code_version, inference_precision, load_model
 
@@ -350,7 +350,6 @@ def evaluate(run_or_checkpoint: str | Path, data: str, *, tta: bool | str = Fals
     ``tta``: ``"flip"`` (or ``True``) or ``"flip-shift"`` test-time augmentation (``predict_loader``).
     """
     from resnetlab.report.run_report import evaluation_summary, write_eval_plots
-    from resnetlab.training.evaluate import tta_mode
 
     tta = tta_mode(tta) or False  # a bad name fails before anything is read
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from resnetlab.data.loader import ArrayLoader
 from resnetlab.data.pipeline import Pipeline
-from resnetlab.training.inference import TTA_MODES, _tta_views, forward_logits, tta_mode  # noqa: F401  (public here)
+from resnetlab.training.inference import forward_logits, tta_mode
 from resnetlab.training.precision import Precision
 
 
