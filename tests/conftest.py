@@ -162,3 +162,9 @@ def trained_run(tmp_path_factory):
     result = resnetlab.train(str(data), log=lambda m: None,
                              **tiny_options(base, epochs=5, batch_size=4, lr=0.02, flip=False))
     return result, data
+
+
+@pytest.fixture(scope="session")
+def held_out_data(tmp_path_factory) -> Path:
+    """The classes of ``trained_run``'s data, 12 new images each (another seed): files the shared run never saw."""
+    return write_class_folders(tmp_path_factory.mktemp("held_out") / "data", per_class=12, seed=4)

@@ -111,10 +111,21 @@ def tones(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
+def held_out_tones(tmp_path_factory) -> dict:
+    """Another draw of the tone set (its own levels, onsets, pitches and noise), which no run trains on."""
+    return write_tone_dataset(tmp_path_factory.mktemp("held_out_tones") / "data", seed=1)
+
+
+# Epochs of the shared run: enough to learn the tones every time. Measured over seeds 0-2: validation accuracy
+# 1.0 by the 3rd epoch, 0.96-1.0 on the held-out set; with 2 epochs one seed in three stayed at chance.
+TONE_EPOCHS = 5
+
+
+@pytest.fixture(scope="module")
 def tone_run(tones, tmp_path_factory):
     """The default audio run (no arch given) on the tone set; shared read-only by the tests below."""
     base = tmp_path_factory.mktemp("tone_run")
-    result = resnetlab.train(data=tones["root"], log=quiet, **options(base, "run"))
+    result = resnetlab.train(data=tones["root"], log=quiet, **options(base, "run", epochs=TONE_EPOCHS))
     return result, base
 
 
@@ -144,7 +155,8 @@ def test_train_detects_audio_and_writes_run_and_report(tone_run, tones):
     run = Path(result.run_dir)
     assert result.config.arch == "tc_resnet8"  # the audio default for a small set: the 1-D path
     assert result.config.duration == pytest.approx(DURATION)
-    assert result.epochs == 2 and 0.0 <= result.best_acc <= 1.0
+    # it learned: at least 5 of the 6 validation clips (chance: 2)
+    assert result.epochs == TONE_EPOCHS and result.best_acc >= 5 / 6, result.best_acc
     for name in ("config.yaml", "metrics.jsonl", "grad_norms.jsonl", "checkpoints/best.safetensors",
                  "checkpoints/last.safetensors", "report/index.html"):
         assert (run / name).is_file(), name
@@ -210,13 +222,14 @@ def test_2d_path_res8_narrow_trains(tones, tmp_path):
 # --- evaluate, predict, CLI ----------------------------------------------------------------------------------
 
 
-def test_evaluate_on_audio(tone_run, tones, tmp_path):
+def test_evaluate_on_held_out_audio(tone_run, held_out_tones, tmp_path):
     result, base = tone_run
-    summary = resnetlab.evaluate(result.run_dir, str(tones["root"]), device="cpu", cache_dir=base / "cache",
-                                 out=tmp_path, log=quiet)
-    assert summary["n"] == tones["good"]  # no split in the folder: every readable file
-    assert 0.0 <= summary["top1"] <= 1.0 and len(summary["per_class"]) == len(KINDS)
-    assert {s[0] for s in summary["skipped"]} == {str(p) for p in tones["bad"]}
+    summary = resnetlab.evaluate(result.run_dir, str(held_out_tones["root"]), device="cpu",
+                                 cache_dir=base / "cache", out=tmp_path, log=quiet)
+    assert summary["n"] == held_out_tones["good"]  # no split in the folder: every readable file
+    assert summary["top1"] >= 0.8, summary["top1"]  # clips it never saw (chance: 1/3)
+    assert len(summary["per_class"]) == len(KINDS)
+    assert {s[0] for s in summary["skipped"]} == {str(p) for p in held_out_tones["bad"]}
     assert (tmp_path / "eval.json").is_file()
     assert_png(tmp_path / "eval_confusion.png")
 

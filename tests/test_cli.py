@@ -135,8 +135,9 @@ def test_train_interrupt_exits_130_and_resume_finishes(capsys, tmp_path, tiny_da
 # --- evaluate and predict --------------------------------------------------------------------------------------
 
 
-def test_evaluate_prints_the_table(capsys, tmp_path, trained_run):
-    result, data = trained_run
+def test_evaluate_prints_the_table(capsys, tmp_path, trained_run, held_out_data):
+    result, _ = trained_run
+    data = held_out_data
     code, out, _ = run_cli(capsys, "evaluate", result.run_dir, "--data", data, "--device", "cpu", "--out", tmp_path)
     assert code == 0
     for name in ("c0", "c1", "c2", "macro avg", "weighted avg", "precision", "recall", "f1"):
@@ -146,7 +147,7 @@ def test_evaluate_prints_the_table(capsys, tmp_path, trained_run):
     code, out, _ = run_cli(capsys, "evaluate", result.run_dir, "--data", data, "--device", "cpu", "--out", tmp_path,
                            "--format", "json")
     summary = json.loads(out)
-    assert code == 0 and summary["n"] == 36 and 0 <= summary["top1"] <= 1 and "confusion_matrix" not in summary
+    assert code == 0 and summary["n"] == 36 and summary["top1"] > 0.8 and "confusion_matrix" not in summary
 
 
 def test_predict_formats(capsys, tmp_path, trained_run):

@@ -257,16 +257,17 @@ def test_strict_data_raises_naming_the_file(tmp_path, tiny_data):
 # --- evaluate, predict, load_model -----------------------------------------------------------------------------
 
 
-def test_evaluate_writes_eval_json(tmp_path, trained_run):
-    result, data = trained_run
-    summary = resnetlab.evaluate(result.run_dir, str(data), out=tmp_path / "eval", cache_dir=str(tmp_path / "c"),
-                                 device="cpu", log=_quiet)
+def test_evaluate_writes_eval_json(tmp_path, trained_run, held_out_data):
+    result, _ = trained_run
+    summary = resnetlab.evaluate(result.run_dir, str(held_out_data), out=tmp_path / "eval",
+                                 cache_dir=str(tmp_path / "c"), device="cpu", log=_quiet)
     written = json.loads((tmp_path / "eval" / "eval.json").read_text())
     for key in ("top1", "top5", "per_class", "n", "confusion_matrix"):
         assert key in written
     assert written["n"] == 36  # no held-out split in a class-folder dataset at evaluation: every file
     assert written["top5"] == 1.0  # 3 classes: the true label is always in the top 5
-    assert written["top1"] > 0.6 and summary["top1"] == written["top1"]
+    # on images it never saw: 0.97 measured; 0.47 from the same run untrained (lr 1e-9)
+    assert written["top1"] > 0.8 and summary["top1"] == written["top1"]
     assert np.asarray(written["confusion_matrix"]).sum() == 36
     assert [r["class"] for r in written["per_class"]] == ["c0", "c1", "c2"]
     assert all({"precision", "recall", "f1", "support"} <= r.keys() for r in written["per_class"])
