@@ -57,6 +57,7 @@ def test_test_split_is_evaluated_once_at_the_end_never_validated_on(test_split_r
     assert any("6 test (kept for the end)" in ln for ln in lines)  # the header says where each split comes from
     html = (run / "report" / "index.html").read_text()
     assert "<h2>Test set</h2>" in html and (run / "report" / "test_confusion.png").is_file()
+    assert "[validation] Confusion matrix" in html and "[test] Confusion matrix" in html
 
 
 def test_evaluate_warns_when_its_data_was_trained_on(test_split_run, tmp_path, capsys):

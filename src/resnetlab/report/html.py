@@ -222,6 +222,8 @@ def _caption(png: Path) -> str:
     key = _known(stem)
     if key is not None:
         prefix = stem[: -len(key)].strip("_").replace("_", " ")
+        if not prefix and key in ("confusion", "per_class"):  # the run's own: test figures carry test_
+            prefix = "validation"
         return (f"[{prefix}] " if prefix else "") + CAPTIONS[key]
     if stem.startswith("compare_"):
         return f"Comparison of runs: {stem[len('compare_'):].replace('_', ' ')}."
