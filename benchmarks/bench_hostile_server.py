@@ -6,8 +6,9 @@ with seeded random weights: the model hardly matters here). Three parts, each bo
 
 (a) ``--connections`` (2,000) connections that send the start of a request and then nothing, opened as fast as
     the loop goes and held; the server's thread count and RSS are sampled every 20 ms against its caps
-    (threads: those it had before plus ``--max-connections``); then a normal ``GET /health`` is tried every
-    50 ms until it answers 200: that must happen within one per-request deadline of the attack's start.
+    (threads: those it had before, plus ``--max-connections``, plus the 2 decoder threads it may start); then
+    a normal ``GET /health`` is tried every 50 ms until it answers 200: that must happen within one
+    per-request deadline after the last stalled connection was opened.
 (b) 16 concurrent uploads of a ~49-megapixel PNG of about 140 KB (made with numpy + PIL), against a server with
     the default pixel cap (refused from the header) and with the cap lifted to the data layer's 50 MP, where
     ``--max-decodes`` bounds what is decoded at once; and 16 of a 4096x4096 PNG, just under the default cap,
@@ -172,7 +173,9 @@ def stalled_connections(port: int, pid: int, n: int, deadline: float, max_connec
         s.close()
     res = {"connections": n, "opened": len(socks), "connect_failed": failed, "open_s": round(opened, 2),
            "deadline_s": deadline, "max_connections": max_connections, "threads_before": before["threads"],
-           "threads_peak": int(sampler.max_threads), "threads_cap": before["threads"] + max_connections,
+           "threads_peak": int(sampler.max_threads),
+           # connection threads, plus the decoder threads (started on the first uploads: up to --max-decodes 2)
+           "threads_cap": before["threads"] + max_connections + 2,
            "rss_before_mib": before["VmRSS"], "rss_peak_mib": sampler.max_rss, "rss_after_mib": after["VmRSS"],
            "answers_again_s_after_attack_start": None if first_ok is None else round(first_ok, 2),
            "answers_again_s_after_last_connection": None if first_ok is None else round(first_ok - opened, 2),

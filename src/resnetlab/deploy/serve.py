@@ -15,7 +15,8 @@ Endpoints:
   encodes WAV itself: Chrome's MediaRecorder writes WebM/Opus, which libsndfile cannot read), and see the
   top-k bars and the heat map.
 
-Batching: request threads decode their upload (decoders release the GIL) and queue the sample; one worker
+Batching: each request's upload is decoded by one of ``max_decodes`` decoder threads (decoders release the
+GIL), and the request thread queues the sample; one worker
 thread takes the first waiting sample, gathers whatever else arrives within ``max_wait_ms`` up to
 ``max_batch``, and runs them as one batch; explanations run in the same thread after it (they need
 gradients, on the fp32 model). The model is only ever called from that thread.
@@ -30,7 +31,8 @@ Limits against hostile clients (:class:`Limits`; each answer past one closes the
 - Size: the request line and headers together at most ``max_header_bytes`` (431); the body at most
   ``max_upload_bytes`` (413); at most ``max_parts`` multipart parts; images at most ``max_pixels`` pixels and
   audio at most ``max_audio_seconds``, both read from the file's header before decoding; at most
-  ``max_decodes`` uploads decoded at once (the others wait for a slot).
+  ``max_decodes`` uploads decoded at once, by as many threads of their own (the others wait, up to the
+  request timeout, then 503).
 - Framing: one ``Content-Length`` of digits only; no ``Transfer-Encoding``. Any answer sent before the whole
   body was read closes the connection, so a body is never taken for the next request (request smuggling).
 - Origin: a ``Host`` other than the bound address, ``localhost``, ``127.0.0.1`` or ``[::1]`` (with the port)
@@ -547,17 +549,17 @@ class Handler(BaseHTTPRequestHandler):
         else:
             name, data = query.get("filename", [None])[-1], body
         name = _safe_name(name)
-        if not self.server.decode_slots.acquire(timeout=self.server.request_timeout):
-            raise RequestError(503, "server busy decoding other uploads; retry shortly", {"Retry-After": "1"})
+        job = self.server.decoder.submit(pred.decode_upload, data, name, max_pixels=limits.max_pixels,
+                                         max_seconds=limits.max_audio_seconds)
         try:
-            sample = pred.decode_upload(data, name, max_pixels=limits.max_pixels,
-                                        max_seconds=limits.max_audio_seconds)
+            sample = job.result(timeout=self.server.request_timeout)
+        except concurrent.futures.TimeoutError:
+            job.cancel()  # still queued: never decoded; already running: finishes, unread
+            raise RequestError(503, "server busy decoding other uploads; retry shortly", {"Retry-After": "1"}) from None
         except DataError as e:
             raise RequestError(400, str(e)) from None
         except Exception:  # noqa: BLE001 - MemoryError, a decoder's ValueError...: a generic 500, details logged
             raise self._internal("decoding the upload") from None
-        finally:
-            self.server.decode_slots.release()
         t1 = time.perf_counter()
         try:
             future = self.server.batcher.submit(sample, explain=explain, top_k=top_k)
@@ -593,7 +595,11 @@ class ResnetlabServer(ThreadingHTTPServer):
         self.request_timeout, self.verbose = float(request_timeout), verbose
         self.page = (STATIC / "index.html").read_bytes()
         self.started = time.monotonic()
-        self.decode_slots = threading.BoundedSemaphore(limits.max_decodes)
+        # Uploads are decoded by max_decodes threads of their own, not by the connection threads: that bounds
+        # the decodes in flight, and the memory the allocator keeps after them (glibc gives each thread that
+        # allocates an arena of its own, up to 8 per core, and keeps their freed memory: decoding in up to 64
+        # connection threads let the peak RSS of 16 uploads of 16.8 MP grow by 1.4 GiB; with the pool, 0.7).
+        self.decoder = concurrent.futures.ThreadPoolExecutor(limits.max_decodes, "resnetlab-decode")
         self._slots = threading.BoundedSemaphore(limits.max_connections)
         self._stats_lock = threading.Lock()
         self._open = self._refused = 0
@@ -684,6 +690,7 @@ class ResnetlabServer(ThreadingHTTPServer):
 
     def server_close(self) -> None:
         super().server_close()
+        self.decoder.shutdown(wait=False, cancel_futures=True)
         self.batcher.close()
 
     def handle_error(self, request, client_address) -> None:
