@@ -12,7 +12,7 @@ channels, sample rate..., and the decoder's version with the versions of the lib
 modification time (ns) and a BLAKE2b fingerprint of its bytes. Touching, editing (even keeping size and mtime),
 adding or removing a file therefore makes a new cache, and so does a new decoder; old ones are not deleted (remove
 the folder to reclaim space). The fingerprint reads every file each time a cache is looked up: measured on MNIST's
-70,000 PNGs (19 MB) on 2 busy cores, 1.2 s against 0.55 s for the stat-only key (benchmarks in BENCHMARKS.md,
+70,000 PNGs (19 MB) on 2 busy cores, 1.18 s against 0.38 s for the stat-only key (BENCHMARKS.md,
 "Hostile input"); data sets too large to cache are streamed, and streaming computes no digest.
 
 Builds write into a hidden sibling folder (``.<digest16>.tmp-<pid>-<rand>@<host>``) through
