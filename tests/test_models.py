@@ -224,3 +224,21 @@ def test_list_models_filters():
     assert "resnet50" in list_models("resnet*")
     assert all("preact" in n for n in list_models("preact"))
     assert set(TORCHVISION_ARCHS) <= set(list_models())
+
+
+def test_the_readmes_model_figures_are_model_infos():
+    """Every ``NAME (NNK params, X M MACs at AxB...`` and ``model_info("NAME")  # {'params': P, 'macs': M`` in
+    the README is what ``model_info`` measures (the README once said 114K for tc_resnet8's 65,180)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    short = re.findall(r"`(\w+)`\s*\((\d+)K params, ([\d.]+) M MACs at (\d+)x(\d+)", readme)
+    exact = re.findall(r"model_info\(\"(\w+)\"\)\s*# \{'params': (\d+), 'macs': (\d+)", readme)
+    assert short and exact  # the patterns still find the figures
+    for name, k_params, m_macs, a, b in short:
+        info = model_info(name, input_size=(int(a), int(b)))
+        assert (round(info["params"] / 1000), round(info["macs"] / 1e6, 1)) == (int(k_params), float(m_macs)), name
+    for name, params, macs in exact:
+        info = model_info(name)
+        assert (info["params"], info["macs"]) == (int(params), int(macs)), name
