@@ -81,6 +81,25 @@ def test_evaluate_warns_when_its_data_was_trained_on(test_split_run, tmp_path, c
     assert "matched by path or content" in capsys.readouterr().err
 
 
+def test_overlap_by_resolved_path_content_and_relative_path(tmp_path):
+    from resnetlab.data.splits import overlap
+
+    data = tmp_path / "data"
+    for name, body in (("a/1.png", b"one"), ("a/2.png", b"two"), ("b/3.png", b"three")):
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / name).write_bytes(body)
+    record = {"root": str(data), "files": {"train": ["a/1.png", "b/3.png"], "val": ["a/2.png"]}}
+    link = tmp_path / "link.png"
+    link.symlink_to(data / "a" / "2.png")  # the same file through a symbolic link: its resolved path
+    copy = shutil.copytree(data, tmp_path / "copy")  # the same bytes elsewhere: content, else relative path
+    (copy / "b" / "3.png").write_bytes(b"THREE")  # same size, other content
+    files = [str(link), str(copy / "a" / "1.png"), str(copy / "b" / "3.png")]
+    assert overlap(files, record, data_root=str(copy)) == {"train": 1, "val": 1, "by": "path+content"}
+    # content too costly to read: relative path and size (3.png's edit keeps its size, so it counts)
+    assert overlap(files, record, max_bytes=0, data_root=str(copy)) == {"train": 2, "val": 1,
+                                                                        "by": "path+relative path"}
+
+
 def test_no_validation_split_never_labels_train_accuracy_val(tmp_path):
     data = tmp_path / "data"
     write_class_folders(data / "train", classes=2, per_class=4, seed=0)

@@ -359,10 +359,10 @@ def evaluate(run_or_checkpoint: str | Path, data: str, *, tta: bool | str = Fals
     facts = ({"img_size": tuple(pc["size"]), "channels": pc["channels"]} if pc["modality"] == "image" else
              {"sample_rate": pc["sample_rate"], "num_samples": pc["num_samples"],
               "duration": pc["num_samples"] / pc["sample_rate"]})
-    _, split, arrays = prepare_held_out(data, modality=pc["modality"], modality_facts=facts, classes=meta["classes"],
-                                        cache_dir=cache_dir, strict=strict_data, log=log)
+    spec, split, arrays = prepare_held_out(data, modality=pc["modality"], modality_facts=facts,
+                                           classes=meta["classes"], cache_dir=cache_dir, strict=strict_data, log=log)
     run_dir = Path(meta["checkpoint"]).parent.parent
-    shared = _training_overlap(run_dir, arrays.files)
+    shared = _training_overlap(run_dir, arrays.files, spec.data_root)
     loader = ArrayLoader(arrays.x, arrays.y, batch_size, shuffle=False, drop_last=False, device=dev)
     prec = inference_precision(dev, meta, getattr(model, "ndim", 2), channels_last=None)
     model = model.to(memory_format=torch.channels_last) if prec.channels_last else model
@@ -385,17 +385,17 @@ def evaluate(run_or_checkpoint: str | Path, data: str, *, tta: bool | str = Fals
     return summary
 
 
-def _training_overlap(run_dir: Path, files: list[str]) -> dict | None:
+def _training_overlap(run_dir: Path, files: list[str], data_root: str) -> dict | None:
     """How many of ``files`` the run in ``run_dir`` trained or validated on (its ``splits.json``), with a one-line
     warning on stderr when any; ``None`` when the run has no ``splits.json``."""
     record = read_splits(run_dir)
     if record is None:
         return None
-    found = overlap(files, record)
+    found = overlap(files, record, data_root=data_root)
     if found["train"] or found["val"]:
         parts = [f"{found[name]} in its {what} split" for name, what in (("train", "training"), ("val", "validation"))
                  if found[name]]
-        by = "path or content" if found["by"] == "path+content" else "path"
+        by = found["by"].replace("+", " or ")
         print(f"warning: {found['train'] + found['val']} of the {len(files)} evaluated files were seen by this run "
               f"({' and '.join(parts)}; matched by {by} against {run_dir / 'splits.json'}): these figures do not "
               f"measure unseen data", file=sys.stderr, flush=True)

@@ -3,7 +3,8 @@
 ``splits.json`` lists each split's files relative to the data root (the dataset folder, or the CSV manifest's
 folder), their counts, where validation came from and how files were grouped. ``overlap`` compares the files an
 evaluation reads with a run's training and validation files: by resolved path (symbolic links followed), then, for
-files of equal size, by content (a BLAKE2 hash), as long as that reads at most ``CONTENT_CHECK_BYTES``.
+files of equal size, by content (a BLAKE2 hash), as long as that reads at most ``CONTENT_CHECK_BYTES``; beyond
+that, by the path relative to the data root and the size (a copy of the dataset moved elsewhere).
 """
 
 from __future__ import annotations
@@ -54,10 +55,11 @@ def read_splits(run_dir: Path) -> dict | None:
 
 
 def overlap(files: Sequence[str], record: dict, splits: Sequence[str] = ("train", "val"),
-            max_bytes: int = CONTENT_CHECK_BYTES) -> dict:
-    """How many of ``files`` (absolute paths an evaluation reads) a run used in each of ``splits``, from its
-    ``splits.json`` ``record``: ``{"train": n, "val": m, "by": "path" | "path+content"}``. A file counts once,
-    in the first split of ``splits`` that holds it."""
+            max_bytes: int = CONTENT_CHECK_BYTES, data_root: str | None = None) -> dict:
+    """How many of ``files`` (absolute paths an evaluation reads, from the dataset at ``data_root``) a run used in
+    each of ``splits``, from its ``splits.json`` ``record``: ``{"train": n, "val": m, "by": how}``, ``how`` being
+    ``"path"`` (no file needed more), ``"path+content"`` or ``"path+relative path"`` (the content check would have
+    read more than ``max_bytes``). A file counts once, in the first split of ``splits`` that holds it."""
     root = record.get("root") or ""
     resolved = {name: {os.path.realpath(os.path.join(root, rel)): None for rel in record["files"].get(name, [])}
                 for name in splits}
@@ -73,11 +75,27 @@ def overlap(files: Sequence[str], record: dict, splits: Sequence[str] = ("train"
     by = "path"
     if rest:
         same = _same_content(rest, resolved, splits, max_bytes)
-        if same is not None:
-            by = "path+content"
-            for name, n in same.items():
-                found[name] += n
+        by = "path+content"
+        if same is None and data_root is not None:
+            same = _same_relative_path(rest, data_root, record, splits)
+            by = "path+relative path"
+        for name, n in (same or {}).items():
+            found[name] += n
     return {**found, "by": by}
+
+
+def _same_relative_path(files: list[str], data_root: str, record: dict, splits: Sequence[str]) -> dict[str, int]:
+    """Per split, how many of ``files`` have the relative path (under ``data_root``) and the size of one of its
+    files (under the run's root)."""
+    root = record.get("root") or ""
+    rel = {name: set(record["files"].get(name, [])) for name in splits}
+    counts = {name: 0 for name in splits}
+    for f in files:
+        r = os.path.relpath(f, data_root)
+        name = next((n for n in splits if r in rel[n]), None)
+        if name is not None and _size(f) is not None and _size(f) == _size(os.path.join(root, r)):
+            counts[name] += 1
+    return counts
 
 
 def _size(path: str) -> int | None:
