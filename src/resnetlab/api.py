@@ -33,6 +33,7 @@ from resnetlab.training.defaults import resolve
 from resnetlab.training.engine import Phase, Trainer
 from resnetlab.training.evaluate import predict_loader
 from resnetlab.training.inference import forward_logits, predict_files, tta_mode
+from resnetlab.training.loggers import as_callbacks, check_available
 from resnetlab.training.precision import pick_device, pick_precision
 from resnetlab.training.run_dir import code_version, inference_precision, load_model
 
@@ -119,6 +120,7 @@ def prepare_run(cfg: TrainConfig, log=print):
     """Data, resolved config, pipeline and model for a run (shared by train and finetune)."""
     if not cfg.data:
         raise ValueError("no data: pass --data PATH (a folder, a CSV manifest, or builtin:digits)")
+    check_available(cfg.loggers)  # --log tensorboard without tensorboard: one line, before any data is read
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.deterministic:  # cuBLAS reads its workspace size once, at its first use: before anything touches CUDA
@@ -158,7 +160,8 @@ def make_loaders(cfg: TrainConfig, prepared: PreparedData, device: torch.device,
 
 
 def run_training(cfg: TrainConfig, model: torch.nn.Module, prepared: PreparedData, pipeline: Pipeline,
-                 device: torch.device, meta: dict, *, phases: list[Phase] | None = None, log=print) -> TrainResult:
+                 device: torch.device, meta: dict, *, phases: list[Phase] | None = None, log=print,
+                 callbacks=None) -> TrainResult:
     """Fit, then write the report from the best checkpoint. Shared by ``train`` and ``finetune``.
 
     Under torchrun every rank trains its shard; rank 0 alone writes the run directory.
@@ -181,7 +184,7 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, prepared: PreparedDat
     if device.type == "cuda":  # cuDNN autotunes each convolution shape once, unless that would be nondeterministic
         torch.backends.cudnn.benchmark = not cfg.deterministic
     try:
-        result = _fit_and_report(cfg, model, prepared, pipeline, device, meta, prec, run_dir, phases, log)
+        result = _fit_and_report(cfg, model, prepared, pipeline, device, meta, prec, run_dir, phases, log, callbacks)
         distributed.teardown()
         return result
     finally:  # process-wide switches: later runs in this process (tests, notebooks) get back what they had
@@ -206,7 +209,7 @@ def _length(cfg: TrainConfig) -> str:
 
 def _fit_and_report(cfg: TrainConfig, model: torch.nn.Module, prepared: PreparedData, pipeline: Pipeline,
                     device: torch.device, meta: dict, prec, run_dir: Path, phases: list[Phase] | None,
-                    log) -> TrainResult:
+                    log, callbacks=None) -> TrainResult:
     world = distributed.world_size()
     train_loader, val_loader = make_loaders(cfg, prepared, device, distributed.rank(), world)
     n_params = sum(p.numel() for p in model.parameters())
@@ -216,7 +219,8 @@ def _fit_and_report(cfg: TrainConfig, model: torch.nn.Module, prepared: Prepared
     log(f"{cfg.arch}: {n_params:,} parameters; {len(prepared.train)} train samples, {batch}, "
         f"{_length(cfg)}, {_optimizer_line(cfg)}; {device.type} {prec.name}"
         f"{' channels-last' if prec.channels_last else ''}; run directory {run_dir}")
-    trainer = Trainer(model, pipeline, train_loader, val_loader, cfg, run_dir, meta, prec, phases=phases, log=log)
+    trainer = Trainer(model, pipeline, train_loader, val_loader, cfg, run_dir, meta, prec, phases=phases, log=log,
+                      callbacks=callbacks)
     fit = trainer.fit()
     report = test = None
     best = run_dir / "checkpoints" / "best.safetensors"
@@ -293,13 +297,14 @@ def model_meta(cfg: TrainConfig, prepared: PreparedData, in_chans: int, override
 
 
 def resumed_config(cls, cfg, options: dict):
-    """The saved config of the run in ``cfg.out`` (the same schedule), with only quiet/device overridable."""
+    """The saved config of the run in ``cfg.out`` (the same schedule), with only quiet/device/log/log_every
+    overridable."""
     if not cfg.out or not (Path(cfg.out) / "config.yaml").exists():
         raise ValueError(f"--resume needs --out pointing at an existing run directory (got {cfg.out!r})")
     saved = load_yaml(Path(cfg.out) / "config.yaml")
     for key in ("code_version", "grouping"):  # what the run found, saved beside its options
         saved.pop(key, None)
-    explicit = {k: v for k, v in options.items() if k in ("quiet", "device")}
+    explicit = {k: v for k, v in options.items() if k in ("quiet", "device", "loggers", "log_every")}
     ignored = sorted(k for k, v in options.items()
                      if k not in explicit and k not in ("resume", "out", "data", "config") and v is not None
                      and saved.get(k) != v)
@@ -310,12 +315,16 @@ def resumed_config(cls, cfg, options: dict):
 
 
 def train(data: str | None = None, *, config: str | Path | dict | TrainConfig | None = None, log=None,
-          **options) -> TrainResult:
+          callbacks=None, **options) -> TrainResult:
     """Train a ResNet from scratch on ``data``; every option of ``resnetlab train`` is a keyword here.
 
     Returns a :class:`TrainResult` with the run directory, the best validation accuracy and the report path.
     ``resume=True`` with ``out=RUN_DIR`` continues that run's schedule from its last checkpoint.
+    ``callbacks``: an object or a list of objects with ``on_step_end(step, values)`` (called every ``log_every``
+    steps with loss, lr, samples_per_s, epoch and grad_norm when computed) and/or ``on_epoch_end(epoch, metrics)``
+    (each epoch's record, as in metrics.jsonl, plus ``step``); a plain callable is called as ``on_epoch_end``.
     """
+    callbacks = as_callbacks(callbacks)
     if data is not None:
         options["data"] = data
     cfg = build_config(config, **options)
@@ -331,7 +340,7 @@ def train(data: str | None = None, *, config: str | Path | dict | TrainConfig | 
     in_chans = pipeline.input_size()[0]
     model = new_model(cfg.arch, prepared, pipeline, log, **overrides)
     meta = model_meta(cfg, prepared, in_chans, overrides)
-    result = run_training(cfg, model, prepared, pipeline, device, meta, log=log)
+    result = run_training(cfg, model, prepared, pipeline, device, meta, log=log, callbacks=callbacks)
     for line in result.summary_lines():
         log(line)
     return result
@@ -480,15 +489,17 @@ def _finetune_config(data, pretrained, config, options: dict):
     return make_config(FinetuneConfig, dict(config or {}), {k: v for k, v in options.items() if v is not None})
 
 
-def finetune(data: str | None = None, *, pretrained: str | None = None, config=None, log=None,
+def finetune(data: str | None = None, *, pretrained: str | None = None, config=None, log=None, callbacks=None,
              **options) -> TrainResult:
     """Fine-tune pretrained weights on ``data`` with a strategy; the same run directory and report as ``train``.
 
     ``pretrained``: a file or folder in any supported format, or a known name looked up in the local caches
     (``torchvision:resnet50``, ``timm:resnet50.a1_in1k``, ``hf:microsoft/resnet-50``, ``keras:resnet50``).
     Other keywords are :class:`~resnetlab.training.config.FinetuneConfig` fields (``strategy``, ``epochs``,
-    ``head_epochs``, ``lr_decay``, ``freeze_bn``, ``head_hidden``, ``keep_stages``...).
+    ``head_epochs``, ``lr_decay``, ``freeze_bn``, ``head_hidden``, ``keep_stages``...). ``callbacks``: as in
+    :func:`train`.
     """
+    callbacks = as_callbacks(callbacks)
     from resnetlab.models.pretrained import _architecture, read_pretrained
     from resnetlab.training.config import FinetuneConfig
     from resnetlab.training.finetune import make_phases
@@ -512,7 +523,7 @@ def finetune(data: str | None = None, *, pretrained: str | None = None, config=N
     meta = model_meta(cfg, prepared, pipeline.input_size()[0], overrides)
     meta["pretrained"] = {"source": cfg.pretrained, "format": cw.format, "loaded": len(report.loaded),
                           "reshaped": report.reshaped, "new": report.new, "ignored": len(report.ignored)}
-    result = run_training(cfg, model, prepared, pipeline, device, meta, phases=phases, log=log)
+    result = run_training(cfg, model, prepared, pipeline, device, meta, phases=phases, log=log, callbacks=callbacks)
     for line in result.summary_lines():
         log(line)
     return result

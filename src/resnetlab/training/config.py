@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from resnetlab.fileio import atomic_write
+from resnetlab.training.loggers import normalize_log_names
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,11 @@ PROBABILITY = Range(0, 1)  # [0, 1]
 
 
 def _opt(default, help: str, choices: tuple | None = None, group: str = "training", check: Range | None = None,
-         metavar: str | None = None, aliases: dict | None = None):
+         metavar: str | None = None, aliases: dict | None = None, flags: tuple[str, ...] = ()):
     """A config field. ``aliases`` maps old names of a choice to the current one (read from old configs and
-    command lines, never written)."""
+    command lines, never written). ``flags``: its command-line option names when not ``--field-name``."""
     meta = {"help": help, "choices": choices, "group": group, "check": check, "metavar": metavar,
-            "aliases": aliases or {}}
+            "aliases": aliases or {}, "flags": flags}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -195,12 +196,20 @@ class TrainConfig:
     quiet: bool = _opt(False, "no progress bars: one line per epoch, for logs", group="engine")
     grad_norm_every: int = _opt(20, "record per-stage gradient norms every N steps (0: off)", group="engine",
                                 check=NON_NEGATIVE)
+    # (not named ``log``: that is the API's keyword for the message function)
+    loggers: str = _opt("csv", "where metrics go, comma-separated: csv (always: metrics.csv per epoch, steps.csv "
+                               "every --log-every steps), tensorboard (RUN_DIR/tensorboard; pip install "
+                               "'resnetlab[log]'), wandb, mlflow (when installed)", group="engine", metavar="NAMES",
+                        flags=("--log", "--loggers"))
+    log_every: int = _opt(50, "log loss, lr, samples/s and the gradient norm (when computed at that step) every N "
+                              "steps to steps.csv and --log's loggers", group="engine", check=AT_LEAST_ONE)
 
     def __post_init__(self):
         for f in fields(self):
             value = _resolve_alias(f, getattr(self, f.name))
             _check_allowed(f, value)
             setattr(self, f.name, value)
+        self.loggers = normalize_log_names(self.loggers)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -401,7 +410,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, skip:
         group = f.metadata.get("group", "training")
         if group not in groups:
             groups[group] = parser.add_argument_group(group)
-        opt = "--" + f.name.replace("_", "-")
+        opts = f.metadata.get("flags") or ("--" + f.name.replace("_", "-"),)
         base = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f.metadata.get("help", "")
@@ -409,7 +418,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, skip:
             help_text += f" [default: {default}]"
         kwargs = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
         if base is bool:
-            groups[group].add_argument(opt, action=argparse.BooleanOptionalAction, **kwargs)
+            groups[group].add_argument(*opts, action=argparse.BooleanOptionalAction, **kwargs)
             continue
         if typing.get_origin(base) is list:
             kwargs.update(nargs="+", metavar="X")
@@ -421,4 +430,4 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, skip:
             if f.metadata.get("aliases"):  # old names are accepted (coerce resolves them) but not listed in --help
                 kwargs["choices"] = _ChoicesWithAliases(f.metadata["choices"], f.metadata["aliases"])
                 kwargs["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
-        groups[group].add_argument(opt, **kwargs)
+        groups[group].add_argument(*opts, **kwargs)

@@ -5,6 +5,7 @@ cached train/val arrays and a config, and writes the run directory:
 
     RUN_DIR/config.yaml          the resolved config and the code version
     RUN_DIR/metrics.jsonl        one line per epoch: losses, accuracies, lr, seconds, samples/s
+    RUN_DIR/metrics.csv          the same records as a table; steps.csv: every cfg.log_every steps (loggers.py)
     RUN_DIR/grad_norms.jsonl     per-stage gradient norms over training
     RUN_DIR/checkpoints/last.safetensors, best.safetensors   (atomic; see checkpoint.py)
 
@@ -36,6 +37,7 @@ from resnetlab.training import checkpoint as ckpt
 from resnetlab.training import distributed
 from resnetlab.training.config import TrainConfig
 from resnetlab.training.evaluate import Predictions, predict_loader
+from resnetlab.training.loggers import RunLoggers, write_epoch_csv
 from resnetlab.training.optim import build_optimizer, lr_at, param_groups, set_lr, stage_of
 from resnetlab.training.precision import Precision
 
@@ -91,11 +93,15 @@ class Trainer:
     Under torchrun (see ``distributed.py``) the model is trained through DistributedDataParallel, built again
     at each phase; ``self.model`` stays the plain module that is validated and saved. ``is_main`` (default:
     rank 0) is the process that writes files. ``cfg.accum_steps`` batches make one optimizer step.
+
+    ``callbacks`` (see ``loggers.CallbackLogger``) and the loggers named in ``cfg.loggers`` get each epoch's record and,
+    every ``cfg.log_every`` steps, the step's values (on the process that writes files).
     """
 
     def __init__(self, model: nn.Module, pipeline: Pipeline, train_loader: ArrayLoader,
                  val_loader: ArrayLoader | None, cfg: TrainConfig, run_dir: str | Path, meta: dict,
-                 prec: Precision, *, phases: list[Phase] | None = None, log=print, is_main: bool | None = None):
+                 prec: Precision, *, phases: list[Phase] | None = None, log=print, is_main: bool | None = None,
+                 callbacks=None):
         self.model = model.to(prec.device)
         if prec.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -163,6 +169,14 @@ class Trainer:
         # (loss sum, correct, samples) of the batches done so far in this epoch; checkpointed, so the epoch's
         # train_loss / train_acc after a mid-epoch resume cover the whole epoch, not only the resumed part
         self.epoch_sums = (0.0, 0.0, 0.0)
+        self.callbacks = callbacks
+        self.loggers: RunLoggers | None = None  # opened by fit, on the main process
+        # per-step logging: the latest batch's loss (a device tensor, read only when logged), the latest gradient
+        # norm the engine computed (clipping or grad_norm_every) with the step it belongs to, and the samples and
+        # time since the last logged step
+        self._step_loss: torch.Tensor | None = None
+        self._grad_norm: tuple[int, torch.Tensor | float] | None = None
+        self._log_mark = (0.0, 0)
 
     # --- phases, optimizer ---------------------------------------------------------------------------
     def _phase_for_epoch(self, epoch: int) -> tuple[int, Phase, int]:
@@ -422,6 +436,7 @@ class Trainer:
                 self.scaler.scale(scaled).backward()
             else:
                 scaled.backward()
+        self._step_loss = loss.detach()
         if final:
             self._optimizer_step()
         with torch.no_grad():
@@ -435,11 +450,12 @@ class Trainer:
         group_step = self.step // self.cfg.accum_steps
         if self.cfg.grad_norm_every and group_step % self.cfg.grad_norm_every == 0 and self.is_main:
             norms = self._grad_norms()
+            self._grad_norm = (self.step, math.sqrt(sum(v * v for v in norms.values())))
             with open(self.run_dir / "grad_norms.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.step, "epoch": self.epoch + self.batch_in_epoch /
                                     max(self.steps_per_epoch, 1), "norms": norms}) + "\n")
-        if self.cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        if self.cfg.grad_clip > 0:  # (the norm before clipping, kept on the device for the step loggers)
+            self._grad_norm = (self.step, nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
         if self.scaler is not None:
             self.scaler.step(self.opt)
             self.scaler.update()
@@ -530,6 +546,9 @@ class Trainer:
                      f"by {RESIZE_RAMP:.0%} of the run" if now != full else
                      f"progressive resizing has no effect: {full[0]}x{full[1]} px images cannot shrink below "
                      f"{max(8, self.min_side)} px")
+        if self.is_main:  # after resume: steps.csv and TensorBoard drop what a killed session logged past last
+            self.loggers = RunLoggers.open(self.cfg.loggers, self.run_dir, every=self.cfg.log_every,
+                                           start_step=self.step, config=self.cfg.to_dict(), callbacks=self.callbacks)
         t_start = self._t_start = time.perf_counter()
         self._clock_base = self._clock_saved = self.clock  # the budget's seconds spent before this session
         own_clock = self._own_clock
@@ -569,6 +588,7 @@ class Trainer:
                 phase_steps = phase.epochs * self.steps_per_epoch
                 # at most a quarter of the phase: a 1-epoch run with the default 1-epoch warm-up would end at its peak
                 warmup = min(int(self.cfg.warmup_epochs * self.steps_per_epoch), phase_steps // 4) if index == 0 else 0
+                self._log_mark = (time.perf_counter(), 0)  # (throughput of a step log spans no validation)
                 t0 = time.perf_counter()
                 loss_sum, correct, seen = self.epoch_sums if self.batch_in_epoch else (0.0, 0.0, 0.0)
                 seen_before = seen  # samples of this epoch trained before a resume: not in this session's time
@@ -601,6 +621,7 @@ class Trainer:
                     group = (group[0] + l_sum, group[1] + c, group[2] + n)
                     self.step += 1
                     self.batch_in_epoch += 1
+                    self._log_mark = (self._log_mark[0], self._log_mark[1] + len(xb))
                     bar.update(1)
                     if self.batch_in_epoch < g_end:
                         continue  # the optimizer steps with the group's last batch; stops and saves wait for it
@@ -612,6 +633,8 @@ class Trainer:
                     loss_sum, correct, seen = loss_sum + totals[0], correct + totals[1], seen + totals[2]
                     self.epoch_sums = (loss_sum, correct, seen)
                     self._consistent = True  # the step and its group are counted: a save here resumes exactly
+                    if self.loggers is not None and self.loggers.due(self.step):
+                        self._log_step(lr)
                     self._save_clock()
                     elapsed = time.perf_counter() - t0
                     bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
@@ -633,6 +656,8 @@ class Trainer:
                                       best=f"{self.best_acc:.4f}")
                 if not bars and self.is_main:
                     self.log(_epoch_line(record, shown_total))
+                if self.loggers is not None:
+                    self.loggers.log_epoch(record["epoch"], {**record, "step": self.step})
         except KeyboardInterrupt as e:
             interrupted = True
             if isinstance(e, _StopRequested) or (self._consistent and not self.distributed):
@@ -643,10 +668,27 @@ class Trainer:
                 self.log(f"\ninterrupted inside a step at epoch {self.epoch + 1}: {self._kept()}")
         finally:
             epoch_bar.close()
+            if self.loggers is not None:
+                self.loggers.close()
+                self.loggers = None
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
         return FitResult(self.run_dir, self.best_acc, self.best_epoch, self.epoch,
                          time.perf_counter() - t_start, interrupted, self.history)
+
+    def _log_step(self, lr: float) -> None:
+        """Send the step loggers this step's values: the latest batch's loss (one read of the device), the lr, the
+        samples per second (every process's) since the last logged step or the epoch's start, and the gradient norm
+        when the engine computed one at this step (``grad_clip``, ``grad_norm_every``)."""
+        values = {"epoch": round(self.epoch + self.batch_in_epoch / max(self.steps_per_epoch, 1), 4), "lr": lr}
+        if self._step_loss is not None:
+            values["loss"] = float(self._step_loss)
+        if self._grad_norm is not None and self._grad_norm[0] == self.step - 1:  # (recorded before the count)
+            values["grad_norm"] = float(self._grad_norm[1])
+        t, n = self._log_mark  # (timed after the loss's read: the device's queue is done)
+        values["samples_per_s"] = round(n * distributed.world_size() / max(time.perf_counter() - t, 1e-9), 1)
+        self.loggers.log_step(self.step, values)
+        self._log_mark = (time.perf_counter(), 0)
 
     def _on_signal(self, signum, frame) -> None:
         """SIGTERM / SIGINT: ask the loop to stop at the next step boundary; a second Ctrl-C in a single process
@@ -723,6 +765,7 @@ class Trainer:
     def _write_metrics(self) -> None:
         """metrics.jsonl from the checkpointed history, so a resumed run never duplicates or loses a line."""
         atomic_write(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+        write_epoch_csv(self.run_dir / "metrics.csv", self.history)
 
 
 def _takes_sample_index(pipeline: Pipeline) -> bool:
