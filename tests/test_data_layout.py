@@ -124,6 +124,8 @@ def test_split_folders_test_is_never_train_or_val(tmp_path):
     assert not any(p.startswith(test_dir) for p, _ in spec.train + spec.val)
     assert np.bincount([y for _, y in spec.val], minlength=3).tolist() == [2, 4, 0]  # 20% of each class
     assert len(spec.train) + len(spec.val) == 31
+    assert scan_dataset(tmp_path, val_fraction=0.2, seed=1).val == spec.val  # seeded: the same split again
+    assert scan_dataset(tmp_path, val_fraction=0.2, seed=2).val != spec.val
     assert "test (kept for the end)" in spec.summary() and "carved out of train" in spec.summary()
     assert spec.held_out() == ("test", spec.test)
 
