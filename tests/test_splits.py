@@ -102,13 +102,18 @@ def test_overlap_by_resolved_path_content_and_relative_path(tmp_path):
 
 def test_no_validation_split_never_labels_train_accuracy_val(tmp_path):
     data = tmp_path / "data"
-    write_class_folders(data / "train", classes=2, per_class=4, seed=0)
-    write_class_folders(data / "test", classes=2, per_class=2, seed=1)
+    write_class_folders(data / "train", classes=2, per_class=4, seed=0)  # train/ alone, and --val-fraction 0
+    stale = tmp_path / "run" / "report" / "test_confusion.png"  # an earlier run's, in the same folder
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
+    (tmp_path / "run" / "eval.json").write_text(json.dumps({"split": "test", "accuracy": 0.5}))
     lines: list[str] = []
     result = resnetlab.train(data=str(data), log=lines.append, **tiny_options(tmp_path, epochs=1, val_fraction=0.0))
     assert result.best_on == "train" and not any("val accuracy" in ln for ln in lines)
-    assert lines[-2].startswith("best train (no validation split) accuracy") and result.test["n"] == 4
-    assert any("no validation split" in ln for ln in lines)
+    assert lines[-1].startswith("best train (no validation split) accuracy") and result.test is None
+    assert any("8 train / no validation split images" in ln for ln in lines)
+    assert not (tmp_path / "run" / "eval.json").exists() and not stale.exists()  # not this run's test figures
+    assert "Test set" not in (tmp_path / "run" / "report" / "index.html").read_text()
 
 
 def test_group_by_from_the_cli_is_saved_with_the_run(tmp_path, capsys):

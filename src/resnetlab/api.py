@@ -176,6 +176,9 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, prepared: PreparedDat
         save_config(cfg, run_dir / "config.yaml", extra)
         write_splits(run_dir, splits_record(prepared.spec, {name: ds.files for name, ds in prepared.splits().items()},
                                             data=cfg.data))
+        if not cfg.resume:  # a new run in an old run's folder: that run's test evaluation is not this one's
+            for stale in [run_dir / "eval.json", *(run_dir / "report").glob("test_*.png")]:
+                stale.unlink(missing_ok=True)
     prec = pick_precision(device, cfg.precision, cfg.channels_last, getattr(model, "ndim", 2))
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     was_benchmark = torch.backends.cudnn.benchmark
