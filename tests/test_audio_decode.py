@@ -187,17 +187,17 @@ def _make_bad(kind: str, tmp: Path) -> tuple[Path, str]:
         return p, "channel"
     if kind == "nan_samples":
         return write(tmp / "nan.wav", np.array([0.1, np.nan, 0.2], np.float32), 16000, subtype="FLOAT"), "NaN"
-    if kind == "unsupported_extension":
-        return write(tmp / "clip.aiff", np.zeros(100, np.int16), 16000), "unsupported"
-    if kind == "aiff_named_wav":
-        return write(tmp / "aiff.wav", np.zeros(100, np.int16), 16000, fmt="AIFF"), "unsupported"
+    if kind == "unsupported_extension":  # libsndfile reads MAT5, but .mat is left out (mostly MATLAB data)
+        return write(tmp / "clip.mat", np.zeros(100, np.int16), 16000, fmt="MAT5"), "unsupported"
+    if kind == "mat_named_wav":  # the content's container is checked, whatever the suffix
+        return write(tmp / "mat.wav", np.zeros(100, np.int16), 16000, fmt="MAT5"), "unsupported"
     if kind == "missing":
         return tmp / "does_not_exist.wav", "cannot read"
     raise AssertionError(kind)
 
 
 BAD_KINDS = ["zero_byte", "truncated_header", "truncated_data", "random_bytes", "text_flac", "truncated_flac",
-             "zero_length", "zero_channels", "nan_samples", "unsupported_extension", "aiff_named_wav", "missing"]
+             "zero_length", "zero_channels", "nan_samples", "unsupported_extension", "mat_named_wav", "missing"]
 
 
 @pytest.mark.parametrize("kind", BAD_KINDS)

@@ -433,7 +433,7 @@ def predict(run_or_checkpoint: str | Path, inputs, *, top_k: int = 5, batch_size
 
         predictor = Predictor.load(run_or_checkpoint, backend=backend, device=device)
         return predictor.predict_files([str(p) for p in inputs], top_k=top_k, batch_size=batch_size)
-    files = list_input_files([str(p) for p in inputs])
+    files = list_input_files([str(p) for p in inputs], keep_unknown=True)
     if not files:
         raise DataError(f"no image or audio files in {', '.join(map(str, inputs))}")
     model, pipeline, meta = load_model(run_or_checkpoint, device=device)

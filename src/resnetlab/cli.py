@@ -86,7 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=("table", "json"), default="table")
 
     pr = sub.add_parser("predict", help="top-k labels for image or audio files",
-                        description="Predict with a trained run (its best checkpoint) or a checkpoint file.")
+                        description="Predict with a trained run (its best checkpoint) or a checkpoint file. "
+                                    "A file that cannot be read (corrupt, unknown type, wrong modality) gets an "
+                                    "error line in the output and the others are predicted; the exit code is then "
+                                    "1 (0 when every file was predicted, 2 for a missing run or input path).")
     pr.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
     pr.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR")
     pr.add_argument("--top-k", type=int, default=5)

@@ -1,6 +1,7 @@
 """Audio files -> fixed-length int16 waves at one sample rate: what the cache stores for speech datasets.
 
-WAV, FLAC and OGG (Vorbis/Opus) are read with soundfile (libsndfile). Every clip is mixed down to mono,
+WAV, FLAC, OGG (Vorbis/Opus), MP3 and the other containers the installed libsndfile lists
+(``AUDIO_EXTENSIONS``) are read with soundfile. Every clip is mixed down to mono,
 resampled to the target rate with a band-limited windowed-sinc resampler (:func:`resample`, also used on the
 device by speed perturbation), centred in a window of ``num_samples`` (centre crop or symmetric zero padding)
 and stored as int16. Bad files raise :class:`~resnetlab.data.errors.DataError` with a one-line message that
@@ -25,10 +26,23 @@ import torch.nn.functional as F
 
 from resnetlab.data.errors import DataError
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
-# Container formats libsndfile may report for a file with one of the extensions above (checked on the content,
-# so an AIFF or MP3 renamed to .wav is still refused).
-_CONTAINERS = {"WAV", "WAVEX", "RF64", "W64", "FLAC", "OGG"}
+# File suffix -> the libsndfile container (``soundfile.available_formats()``) that reads it. Left out: RAW (no
+# header: rate and encoding would be guesses), MAT4/MAT5 (``.mat`` is mostly MATLAB data) and MPC2K (``.mpc`` is
+# usually Musepack, which libsndfile cannot read).
+_SUFFIX_CONTAINERS = {
+    ".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".oga": "OGG", ".opus": "OGG", ".mp3": "MP3",
+    ".aif": "AIFF", ".aiff": "AIFF", ".aifc": "AIFF", ".au": "AU", ".snd": "AU", ".caf": "CAF", ".w64": "W64",
+    ".rf64": "RF64", ".voc": "VOC", ".sph": "NIST", ".nist": "NIST", ".8svx": "SVX", ".16svx": "SVX",
+    ".paf": "PAF", ".pvf": "PVF", ".sd2": "SD2", ".sds": "SDS", ".htk": "HTK", ".avr": "AVR", ".wve": "WVE",
+    ".xi": "XI", ".ircam": "IRCAM",
+}
+# What the installed libsndfile reads (MP3 since libsndfile 1.1): the audio suffixes of datasets and predict
+# (data/layout.py's AUDIO_EXTS) and the containers a file's content may be, whatever its suffix (checked on the
+# content, so a file libsndfile would only read as RAW is still refused).
+AUDIO_EXTENSIONS = tuple(e for e, c in _SUFFIX_CONTAINERS.items() if c in sf.available_formats())
+_CONTAINERS = {c for c in _SUFFIX_CONTAINERS.values() if c in sf.available_formats()} | {"WAVEX"}
+# Their names for messages: "WAV, FLAC, OGG, MP3, ..."
+AUDIO_FORMAT_NAMES = ", ".join(dict.fromkeys(_SUFFIX_CONTAINERS[e] for e in AUDIO_EXTENSIONS))
 # Data-chunk sizes that streaming writers put in a WAV header when they do not know the length yet.
 _STREAMING_SIZES = {0, 0xFFFFFFFF, 0x7FFFFFFF}
 _TRUNCATED_DATA = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
@@ -61,7 +75,7 @@ def _check_extension(path: Path) -> None:
     ext = path.suffix.lower()
     if ext not in AUDIO_EXTENSIONS:
         shown = repr(ext) if ext else "(no extension)"
-        raise DataError(f"{path}: unsupported audio format {shown}; supported: WAV, FLAC, OGG "
+        raise DataError(f"{path}: unsupported audio format {shown}; supported: {AUDIO_FORMAT_NAMES} "
                         f"({', '.join(AUDIO_EXTENSIONS)})")
 
 
@@ -89,7 +103,7 @@ def read_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple
     With ``sample_rate`` the wave is resampled to it (:func:`resample`); with ``None`` it keeps its native rate.
     Returns ``(wave, rate)`` with ``wave`` of shape ``(T,)``.
 
-    Raises ``DataError`` for: an extension other than .wav/.flac/.ogg or content that is not WAV/FLAC/OGG, a
+    Raises ``DataError`` for: an extension not in ``AUDIO_EXTENSIONS`` or content libsndfile does not read, a
     missing or zero-byte file, a header or stream libsndfile cannot parse (random bytes, text, a cut-off header,
     a truncated FLAC/OGG stream), a WAV whose data chunk is shorter than its header declares, a clip with no
     frames, and NaN or infinite samples (float WAVs). An all-silent clip is valid. From the header, before any
@@ -109,7 +123,7 @@ def read_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple
             container, declared_frames, native_rate = f.format, f.frames, f.samplerate
             if container not in _CONTAINERS:
                 raise DataError(f"{path}: unsupported audio format {f.format_info!r} inside a "
-                                f"{path.suffix} file; supported: WAV, FLAC, OGG")
+                                f"{path.suffix} file; supported: {AUDIO_FORMAT_NAMES}")
             if container in ("WAV", "WAVEX", "RF64", "W64"):
                 # libsndfile silently clamps a WAV data chunk that runs past the end of the file; its log says so.
                 m = _TRUNCATED_DATA.search(f.extra_info)

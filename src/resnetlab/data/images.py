@@ -37,7 +37,10 @@ MAX_PIXELS = 50_000_000  # images whose header declares more are refused before 
 # The only formats PIL may open (Image.open's ``formats=``), whatever a file is named: PIL otherwise identifies a
 # file by its content among some 40 formats, so an EPS named x.png would open as EPS and decoding it would run
 # Ghostscript. Camera JPEGs that PIL reports as "MPO" open through the JPEG plugin. GIF: what uploads may be.
-IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF")
+# TIFF (scans, microscopy) and GIF decode their first page / frame only.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF")
+# The file suffixes datasets and predict take as images (data/layout.py's IMAGE_EXTS): one per format above.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 # Bump when decoding changes what a file decodes to (colour conversion, resizing, EXIF handling): part of the cache
 # key, so caches built by an older decoder are not reused (data/prepare.py adds it with the libraries' versions).
 DECODER_VERSION = 1

@@ -34,10 +34,13 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from resnetlab.data.audio import AUDIO_EXTENSIONS
 from resnetlab.data.errors import DataError
+from resnetlab.data.images import IMAGE_EXTENSIONS
 
-IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
-AUDIO_EXTS = frozenset({".wav", ".flac", ".ogg"})
+# The suffixes the decoders read, defined beside them (audio: what the installed libsndfile lists).
+IMAGE_EXTS = frozenset(IMAGE_EXTENSIONS)
+AUDIO_EXTS = frozenset(AUDIO_EXTENSIONS)
 KNOWN_EXTS = IMAGE_EXTS | AUDIO_EXTS
 
 LAYOUTS = ("class-folders", "split-folders", "csv")
@@ -205,13 +208,14 @@ def scan_dataset(path: str | os.PathLike, *, val_fraction: float = 0.1, seed: in
     return _finish(root, "class-folders", splits, ignored, classes, val_fraction, seed, group_by, pattern, where={})
 
 
-def list_input_files(paths: Iterable[str | os.PathLike]) -> list[str]:
+def list_input_files(paths: Iterable[str | os.PathLike], *, keep_unknown: bool = False) -> list[str]:
     """Expand files and folders into the image and audio files they hold, for prediction.
 
     A folder is searched recursively (hidden entries skipped, unknown extensions ignored) and its files sorted
-    naturally; a file named directly must have a known extension. Order follows ``paths``; duplicates are dropped.
-    Paths keep the form they were given in (relative stays relative). Raises ``DataError`` for a path that does
-    not exist, a named file of unknown type, or when nothing is found.
+    naturally; a file named directly must have a known extension, unless ``keep_unknown`` (predict keeps it, to
+    report it as unreadable among the others: :func:`unknown_type_error`). Order follows ``paths``; duplicates
+    are dropped. Paths keep the form they were given in (relative stays relative). Raises ``DataError`` for a
+    path that does not exist, a named file of unknown type, or when nothing is found.
     """
     paths = [os.fspath(p) for p in paths]
     out: list[str] = []
@@ -220,8 +224,8 @@ def list_input_files(paths: Iterable[str | os.PathLike]) -> list[str]:
         if os.path.isdir(p):
             files = [f for f in _walk_files(p) if file_kind(f)]
         elif os.path.isfile(p):
-            if not file_kind(p):
-                raise DataError(f"{p}: not an image or audio file (known extensions: {_known_exts()})")
+            if not file_kind(p) and not keep_unknown:
+                raise DataError(unknown_type_error(p))
             files = [p]
         else:
             raise DataError(f"input not found: {p}")
@@ -239,6 +243,11 @@ def list_input_files(paths: Iterable[str | os.PathLike]) -> list[str]:
 
 def _known_exts() -> str:
     return " ".join(sorted(KNOWN_EXTS))
+
+
+def unknown_type_error(path: str) -> str:
+    """The message for a file whose suffix is neither an image's nor an audio file's."""
+    return f"{path}: not an image or audio file (known extensions: {_known_exts()})"
 
 
 def _list_dir(folder: str) -> tuple[list[str], list[str]]:

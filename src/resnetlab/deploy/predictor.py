@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from resnetlab.data.errors import DataError
+from resnetlab.data.layout import AUDIO_EXTS, IMAGE_EXTS
 from resnetlab.deploy.export import InferenceModel, inference_model
 from resnetlab.training.inference import predict_files, top_k_labels
 
@@ -44,10 +45,14 @@ BACKENDS = ("auto", "eager", "bf16", "onnxruntime")
 # Magic numbers of the formats an upload may be. What soundfile (libsndfile) and the image decoders read is
 # accepted; the others get a message that says what to send instead.
 _IMAGE_MAGIC = [(b"\x89PNG\r\n\x1a\n", ".png", "PNG"), (b"\xff\xd8\xff", ".jpg", "JPEG"), (b"BM", ".bmp", "BMP"),
-                (b"GIF87a", ".gif", "GIF"), (b"GIF89a", ".gif", "GIF")]
+                (b"GIF87a", ".gif", "GIF"), (b"GIF89a", ".gif", "GIF"), (b"II*\x00", ".tif", "TIFF"),
+                (b"MM\x00*", ".tif", "TIFF")]
 _AUDIO_MAGIC = [(b"fLaC", ".flac", "FLAC"), (b"OggS", ".ogg", "OGG")]
-_UNSUPPORTED_AUDIO = [(b"\x1a\x45\xdf\xa3", "WebM/Matroska audio (what Chrome's MediaRecorder writes)"),
-                      (b"ID3", "MP3"), (b"\xff\xfb", "MP3"), (b"\xff\xf3", "MP3"), (b"\xff\xf2", "MP3")]
+_UNSUPPORTED_AUDIO = [(b"\x1a\x45\xdf\xa3", "WebM/Matroska audio (what Chrome's MediaRecorder writes)")]
+_MP3 = ".mp3" in AUDIO_EXTS  # libsndfile >= 1.1 reads MP3
+# What an upload may be, for messages and the page (GET /info): the formats sniff() accepts.
+UPLOAD_FORMATS = {"image": ["PNG", "JPEG", "WebP", "BMP", "GIF", "TIFF"],
+                  "audio": ["WAV", "FLAC", "OGG (Vorbis / Opus)"] + (["MP3"] if _MP3 else [])}
 
 
 def sniff(data: bytes) -> tuple[str, str, str]:
@@ -64,6 +69,9 @@ def sniff(data: bytes) -> tuple[str, str, str]:
     for magic, suffix, name in _AUDIO_MAGIC:
         if head.startswith(magic):
             return "audio", suffix, name
+    # MP3: an ID3 tag, or an MPEG audio layer III frame sync (11 set bits, then version, layer bits 01)
+    if head[:3] == b"ID3" or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE6 == 0xE2):
+        return ("audio", ".mp3", "MP3") if _MP3 else ("unsupported-audio", "", "MP3")
     if head[4:8] == b"ftyp":
         return "unsupported-audio", "", "MP4/M4A"
     for magic, name in _UNSUPPORTED_AUDIO:
@@ -136,7 +144,8 @@ class Predictor:
         """What a client needs to know: modality, classes, input size, backend (``GET /info`` of the server)."""
         pc = self.pipeline_cfg
         out = {"arch": self.meta.get("arch"), "modality": self.modality, "classes": self.classes,
-               "backend": self.backend, "device": str(self.device)}
+               "backend": self.backend, "device": str(self.device), "formats": UPLOAD_FORMATS[self.modality],
+               "extensions": sorted(IMAGE_EXTS if self.modality == "image" else AUDIO_EXTS)}
         if self.modality == "image":
             out.update(image_size=list(pc["size"]), channels=pc["channels"])
         else:
@@ -242,7 +251,8 @@ class Predictor:
         predictor's backend computing the logits). Files are decoded by ``workers`` threads."""
         from resnetlab.data.layout import list_input_files
 
-        files = list_input_files([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs))
+        files = list_input_files([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs),
+                                 keep_unknown=True)
         return predict_files(files, self.decode_file, self.logits, self.classes, top_k=top_k,
                              batch_size=batch_size, workers=workers)
 
@@ -260,10 +270,11 @@ class Predictor:
             raise DataError(f"{name}: empty file (0 bytes)")
         kind, suffix, fmt = sniff(data)
         if kind == "unsupported-audio":
-            raise DataError(f"{name}: {fmt} cannot be decoded here; send WAV, FLAC or OGG (Vorbis/Opus)")
+            raise DataError(f"{name}: {fmt} cannot be decoded here; send {', '.join(UPLOAD_FORMATS['audio'])}")
         if kind == "unknown":
-            what = "PNG, JPEG, WebP, BMP or GIF image" if self.modality == "image" else "WAV, FLAC or OGG audio file"
-            raise DataError(f"{name}: not a recognised file type; this model takes a {what}")
+            what = "an image" if self.modality == "image" else "an audio file"
+            raise DataError(f"{name}: not a recognised file type; this model takes {what} "
+                            f"({', '.join(UPLOAD_FORMATS[self.modality])})")
         if kind != self.modality:
             raise DataError(f"{name}: this model classifies {self.modality}, but the upload is {fmt} {kind}")
         fd, tmp = tempfile.mkstemp(suffix=suffix, prefix="resnetlab-upload-")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from resnetlab.data.errors import DataError
+from resnetlab.data.layout import file_kind, unknown_type_error
 from resnetlab.data.pipeline import Pipeline
 from resnetlab.training.precision import Precision
 
@@ -82,6 +83,8 @@ def decode_files(files: Sequence[str], decode: Callable[[str], np.ndarray], work
     """``(sample, None)`` per readable file, ``(None, message)`` per unreadable one (a ``DataError``), in order;
     ``workers`` threads decode."""
     def one(f: str):
+        if file_kind(f) is None:  # named on predict's command line (list_input_files(keep_unknown=True))
+            return None, unknown_type_error(f)
         try:
             return decode(f), None
         except DataError as e:
