@@ -126,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
 def _add_deploy_parsers(sub) -> None:
     """export, serve, explain (resnetlab.deploy and resnetlab.explain)."""
     from resnetlab.deploy.export import DEFAULT_OPSET, FORMATS
+    from resnetlab.deploy.interop import WEIGHT_FORMATS
     from resnetlab.deploy.predictor import BACKENDS
 
     ex = sub.add_parser("export", help="export a trained model with its preprocessing (ONNX, TorchScript, .pt2)",
@@ -134,7 +135,9 @@ def _add_deploy_parsers(sub) -> None:
                                     "the class names, mean/std, input size and audio settings embedded; then check "
                                     "the file against eager PyTorch. ONNX needs pip install 'resnetlab[export]'.")
     ex.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
-    ex.add_argument("--format", choices=FORMATS, default="onnx")
+    ex.add_argument("--format", choices=FORMATS + WEIGHT_FORMATS, default="onnx",
+                    help="onnx, torchscript, torch-export: the network with its preprocessing; safetensors: a folder "
+                         "with model.safetensors (torchvision/timm names) and timm's config.json (default: onnx)")
     ex.add_argument("--dynamic-batch", action="store_true", help="a free batch axis (default: batch 1)")
     ex.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, >= 17 (default {DEFAULT_OPSET})")
     ex.add_argument("--out", metavar="FILE", help="output file (default: RUN_DIR/export/best.<ext>)")
@@ -294,7 +297,14 @@ def cmd_demo(args) -> int:
 
 def cmd_export(args) -> int:
     from resnetlab.deploy.export import export_model
+    from resnetlab.deploy.interop import WEIGHT_FORMATS, export_weights
 
+    if args.format in WEIGHT_FORMATS:
+        folder, notes = export_weights(args.run, args.format, args.out)
+        print(f"wrote {folder / 'model.safetensors'} and {folder / 'config.json'}")
+        for note in notes:
+            print(f"note: {note}")
+        return 0
     res = export_model(args.run, args.format, args.out, dynamic_batch=args.dynamic_batch, opset=args.opset,
                        check=not args.no_check)
     m = res.metadata
