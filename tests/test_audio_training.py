@@ -293,7 +293,8 @@ def test_demo_speech_is_wired(tmp_path, capsys):
     from resnetlab.demo import run_demo
 
     figures = run_demo("speech", epochs=1, out=str(tmp_path / "demo"), quiet=True)
-    assert 0.0 <= figures["test_top1"] <= 1.0
+    # one epoch learns something: 0.36 measured on the test speakers' clips (chance: 0.1 over ten digits)
+    assert figures["test_top1"] >= 0.2, figures
     out = capsys.readouterr().out
     assert "tc_resnet8 on builtin:spoken-digits" in out and "test top-1" in out
     assert_png(tmp_path / "demo" / "report" / "spectrograms.png")

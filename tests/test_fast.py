@@ -277,13 +277,15 @@ def test_tta_modes_and_views():
     assert len(_tta_views(torch.zeros(2, 40, 101), "flip-shift")) == 2  # 1-D inputs: flip only
 
 
-def test_evaluate_with_flip_shift_tta(trained_run, capsys):
-    result, data = trained_run
+def test_evaluate_with_flip_shift_tta(trained_run, held_out_data, capsys):
+    result, _ = trained_run
+    data = held_out_data
     plain = resnetlab.evaluate(result.run_dir, str(data), log=_quiet, out=str(result.run_dir / "eval-plain"))
     shifted = resnetlab.evaluate(result.run_dir, str(data), tta="flip-shift", log=_quiet,
                                  out=str(result.run_dir / "eval-tta"))
     assert shifted["tta"] == "flip-shift" and plain["tta"] is False
-    assert shifted["n"] == plain["n"] and 0.0 <= shifted["top1"] <= 1.0
+    # on images the run never saw, the averaged views keep it accurate (chance: 1/3)
+    assert shifted["n"] == plain["n"] == 36 and plain["top1"] > 0.8 and shifted["top1"] > 0.8
     code, out, err = run_cli(capsys, "evaluate", result.run_dir, "--data", data, "--tta-shift", "--out",
                              result.run_dir / "eval-cli")
     assert code == 0 and "(TTA flip-shift)" in out
