@@ -330,3 +330,12 @@ def test_probe_reads_headers_and_skips_unreadable_files(tmp_path):
                                           (1.0000001, 1.0), (2.31, 2.4)])
 def test_default_duration_rule(p95, expected):
     assert default_duration({"p95_duration_s": p95}) == pytest.approx(expected)
+
+
+def test_probe_counts_a_forged_sample_rate_as_unreadable(tmp_path):
+    paths = [write(tmp_path / f"ok{i}.wav", tone(440.0, 8000, 0.5), 8000) for i in range(2)]
+    for i, rate in enumerate([600_000_000, 1]):
+        (p := tmp_path / f"forged{i}.wav").write_bytes(hostile_files.wav(rate, frames=100))
+        paths.append(p)
+    probe = probe_audio(paths)
+    assert probe["unreadable"] == 2 and probe["sample_rate"] == 8000 and probe["max_duration_s"] == 0.5
