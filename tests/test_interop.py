@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 from deploy_helpers import make_run
 from resnetlab.training.run_dir import load_model
 
@@ -54,3 +54,26 @@ def test_timm_loads_the_file_as_pretrained_weights_and_config_json_has_timms_lay
                                                           num_classes=cfg["num_classes"]))
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["resnet50"])  # bottlenecks: conv3, a stage-1 projection
+def test_transformers_loads_the_hf_folder_and_gives_resnetlabs_logits(tmp_path, capsys, monkeypatch, arch):
+    from transformers import ResNetForImageClassification
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = make_run(tmp_path / "run", arch, img_size=32, num_classes=3)
+    code, out, _ = run_cli(capsys, "export", run, "--format", "hf")
+    assert code == 0, out
+    model, _, _ = load_model(run)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    hf = ResNetForImageClassification.from_pretrained(run / "export" / "hf").eval()
+    assert hf.config.id2label == {0: "c0", 1: "c1", 2: "c2"}
+    with torch.no_grad():
+        torch.testing.assert_close(hf(pixel_values=x).logits, model(x), atol=1e-4, rtol=0)
+
+
+def test_an_architecture_transformers_cannot_express_is_refused_in_one_line(tmp_path, capsys):
+    run = make_run(tmp_path / "run", "resnet20", img_size=16, num_classes=3)
+    code, _, err = run_cli(capsys, "export", run, "--format", "hf")
+    assert code != 0
+    assert_one_line_error(err, "--format hf", "resnet20", "differs in")

@@ -137,7 +137,8 @@ def _add_deploy_parsers(sub) -> None:
     ex.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
     ex.add_argument("--format", choices=FORMATS + WEIGHT_FORMATS, default="onnx",
                     help="onnx, torchscript, torch-export: the network with its preprocessing; safetensors: a folder "
-                         "with model.safetensors (torchvision/timm names) and timm's config.json (default: onnx)")
+                         "with model.safetensors (torchvision/timm names) and timm's config.json; hf: a transformers "
+                         "ResNet folder (default: onnx)")
     ex.add_argument("--dynamic-batch", action="store_true", help="a free batch axis (default: batch 1)")
     ex.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, >= 17 (default {DEFAULT_OPSET})")
     ex.add_argument("--out", metavar="FILE", help="output file (default: RUN_DIR/export/best.<ext>)")
