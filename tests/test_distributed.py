@@ -85,6 +85,23 @@ def test_two_processes_of_4_end_with_the_weights_of_one_process_of_8(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_nan_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """Rank 1's loss turns NaN at step 3, rank 0's stays finite: the flag rides on the step's all-reduce, so both
+    ranks raise TrainingDiverged at that step with the same message (before: rank 1 raised alone and rank 0 waited
+    in its next all-reduce for the 30-minute timeout, or until torchrun killed it)."""
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(Path(tiny_fit.__file__)), str(run), "4", "1", "3"],
+                          env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    said = sorted(ln for ln in done.stdout.splitlines() if ln.startswith("rank "))
+    assert len(said) == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    assert said[0].startswith("rank 0: loss is NaN or infinite in 1 of 2 processes at epoch 1, step 3:")
+    assert said[1] == "rank 1" + said[0][len("rank 0"):]  # the same step, the same words
+    assert not (run / "checkpoints" / "last.safetensors").exists()
+
+
+@pytest.mark.slow
 def test_sigterm_stops_every_rank_at_one_step_then_resume_finishes(tmp_path, easy_data):
     """torchrun forwards SIGTERM: the ranks agree on a step, save (with each rank's RNG states), and exit; a
     resumed 2-process run finishes the schedule with every epoch recorded once. With accumulation (2 batches per

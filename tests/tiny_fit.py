@@ -61,14 +61,19 @@ def trainer(out: Path, x: np.ndarray, y: np.ndarray, batch_size: int, *, scale: 
     return Trainer(tiny_model(), Identity(scale), loader, None, cfg, out, {}, prec, log=lambda m: None)
 
 
-def fit(out: Path, batch_size: int, accum_steps: int = 1, epochs: int = 3) -> dict[str, torch.Tensor]:
+def fit(out: Path, batch_size: int, accum_steps: int = 1, epochs: int = 3,
+        nan_at: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
     """Train ``tiny_model`` on 48 fixed samples (per-process ``batch_size``); return its final weights. Every rank
-    returns its own copy (DDP keeps them equal)."""
+    returns its own copy (DDP keeps them equal). ``nan_at=(rank, step)``: that rank's loss is NaN from that step on
+    (the others' stays finite)."""
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(48, 1, 4, 4), dtype=np.uint8)
     y = rng.integers(0, 3, size=48)
     t = trainer(out, x, y, batch_size, accum_steps=accum_steps, epochs=epochs, lr=0.1, weight_decay=1e-3,
                 label_smoothing=0.1)
+    if nan_at is not None and distributed.rank() == nan_at[0]:
+        criterion = t.criterion
+        t.criterion = lambda logits, y: criterion(logits, y) * (float("nan") if t.step >= nan_at[1] else 1)
     t.fit()
     return {k: v.detach().clone() for k, v in t.model.state_dict().items()}
 

@@ -378,7 +378,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(e, TrainingDiverged):
             raise
-        print(f"resnetlab {args.command}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        from resnetlab.training import distributed
+
+        if distributed.is_main():  # under torchrun every rank stops at the same step: rank 0 says why, once
+            print(f"resnetlab {args.command}: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"resnetlab {args.command}: interrupted", file=sys.stderr)

@@ -52,6 +52,7 @@ class ArrayLoader:
         on_device = on_device and not self.streaming
         self._x_dev = torch.from_numpy(np.ascontiguousarray(x)).to(self.device) if on_device else None
         self._y_all = torch.from_numpy(self.y)
+        self._y_dev = self._y_all.to(self.device) if on_device else None  # labels beside the images
         self._pin = self.device.type == "cuda"
 
     def __len__(self) -> int:
@@ -81,9 +82,6 @@ class ArrayLoader:
         return [perm[i:i + bs] for i in range(start * bs, len(perm), bs)]
 
     def _fetch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self._x_dev is not None:
-            dev_idx = idx.to(self.device)
-            return self._x_dev[dev_idx], self._y_all[idx].to(self.device), idx
         # Sorted reads are sequential on the memmap; the order inside a batch does not matter to SGD.
         idx = idx.sort().values
         xb = torch.from_numpy(self.x[idx.numpy()])
@@ -94,8 +92,9 @@ class ArrayLoader:
 
     def epoch(self, epoch: int, start_batch: int = 0, with_index: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
         """Yield the batches ``(x, y)`` of ``epoch`` from batch ``start_batch`` on (for mid-epoch resume);
-        ``(x, y, index)`` with ``with_index``, ``index`` the samples' positions in the dataset (int64, on the
-        host), for augmentations that treat each image by its identity (alternating flips)."""
+        ``(x, y, index)`` with ``with_index``, ``index`` the samples' positions in the dataset (int64; on the
+        device when the dataset is held there, else on the host), for augmentations that treat each image by its
+        identity (alternating flips)."""
         for x, y, idx in self._epoch(epoch, start_batch):
             yield (x, y, idx) if with_index else (x, y)
 
@@ -104,8 +103,17 @@ class ArrayLoader:
         if not batches:
             return
         if self._x_dev is not None:
+            # the epoch's order goes to the device in one (pinned, asynchronous) copy; each batch is then a slice
+            # of it and gathers its images and labels there: no host-to-device copy and no sync per batch
+            order = torch.cat(batches)
+            if self._pin:
+                order = order.pin_memory()
+            order = order.to(self.device, non_blocking=True)
+            start = 0
             for idx in batches:
-                yield self._fetch(idx)
+                dev_idx = order[start:start + len(idx)]
+                start += len(idx)
+                yield self._x_dev[dev_idx], self._y_dev[dev_idx], dev_idx
             return
         if self.streaming:
             from resnetlab.data.stream import stream_batches
@@ -115,6 +123,8 @@ class ArrayLoader:
             for idx, xb in stream_batches(self.x, [b.sort().values for b in batches], self.workers):
                 yb = self._y_all[idx]
                 xb = xb if torch.is_tensor(xb) else torch.from_numpy(xb)  # DataLoader converts arrays itself
+                if self._pin:  # a copy from pageable memory is synchronous, whatever non_blocking says
+                    xb, yb = xb.pin_memory(), yb.pin_memory()
                 yield xb.to(self.device, non_blocking=self._pin), yb.to(self.device, non_blocking=self._pin), idx
             return
         with ThreadPoolExecutor(max_workers=1) as pool:

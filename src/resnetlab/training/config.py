@@ -189,6 +189,9 @@ class TrainConfig:
     resume: bool = _opt(False, "continue the run in --out from its last checkpoint", group="engine")
     checkpoint_every: int = _opt(0, "also save checkpoints/last every N batches, so a killed run loses little "
                                     "(0: at the end of each epoch only)", group="engine", check=NON_NEGATIVE)
+    save_at_end: bool = _opt(False, "save checkpoints/last when the run ends (and on SIGTERM, Ctrl-C, "
+                                    "--checkpoint-every and a new best), not after every epoch: in runs of seconds "
+                                    "per epoch the hash and fsync of each save cost a large share", group="engine")
     sync_bn: bool = _opt(False, "distributed (torchrun): BatchNorm statistics over the global batch instead of each "
                                 "process's (SyncBatchNorm; CUDA only)", group="engine")
     val_every: int = _opt(1, "validate every N epochs, and always after the last (0: after the last only; saves "

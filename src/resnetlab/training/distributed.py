@@ -148,11 +148,18 @@ def all_gather_object(obj) -> list:
     return out
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum ``values`` element-wise over the ranks (float64, so counts stay exact)."""
-    if not is_enabled():
+def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> list[float]:
+    """Sum ``values`` element-wise over the ranks (float64, so counts stay exact). A 1-D tensor already on
+    ``device`` is reduced as it is (flags computed there need no trip through the host first); the result is
+    read once."""
+    if torch.is_tensor(values):
+        if not is_enabled():
+            return values.tolist()
+        t = values.to(device=device, dtype=torch.float64).clone()
+    elif not is_enabled():
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    else:
+        t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
 

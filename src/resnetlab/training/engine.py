@@ -36,6 +36,7 @@ from resnetlab.fileio import atomic_write
 from resnetlab.training import checkpoint as ckpt
 from resnetlab.training import distributed
 from resnetlab.training.config import TrainConfig
+from resnetlab.training.ema import WeightEMA
 from resnetlab.training.evaluate import Predictions, predict_loader
 from resnetlab.training.loggers import RunLoggers, write_epoch_csv
 from resnetlab.training.optim import build_optimizer, lr_at, param_groups, set_lr, stage_of
@@ -138,17 +139,16 @@ class Trainer:
         # each rank its own augmentation stream; rank 0's is the single-process one
         self.aug_gen = torch.Generator(device=prec.device).manual_seed(cfg.seed + 1 + 1000 * self.rank)
         self.scaler = prec.scaler()
-        self.ema = None
-        if cfg.ema > 0:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+        self.ema = WeightEMA(self.model, cfg.ema) if cfg.ema > 0 else None
         # lookahead: the slow copy of every floating-point weight and buffer (see _lookahead)
         self.slow: dict[str, torch.Tensor] | None = (
             {k: v.detach().clone() for k, v in self.model.state_dict().items() if v.is_floating_point()}
             if cfg.lookahead else None)
         self.ddp: nn.Module | None = None  # DistributedDataParallel(self.model), built by _enter_phase
-        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
+        # static shapes: progressive resizing uses a few fixed sizes (COMPILE_SIZE_BUCKETS), one compilation each
+        self.forward_model = torch.compile(self.model, dynamic=False) if cfg.compile else self.model
+        self._compiled_shapes: set[tuple] = set()
+        self._compile_s = 0.0  # seconds of steps that compiled (a new input shape): not charged to a time budget
         self._accum = (0, 1)  # (index in its accumulation group, group size) of the next train_step's batch
         self._saved_step = 0  # self.step at the latest save of checkpoints/last (for checkpoint_every)
         self._last_saved: str | None = None  # where that checkpoint stands, for the divergence message
@@ -177,6 +177,15 @@ class Trainer:
         self._step_loss: torch.Tensor | None = None
         self._grad_norm: tuple[int, torch.Tensor | float] | None = None
         self._log_mark = (0.0, 0)
+        # The same sums of this session's batches, this rank's, kept on the device and read once per epoch (and at
+        # saves and checks), not after every step: each read is a host sync on a GPU. _sums_base holds the part
+        # from before a mid-epoch resume (every rank's).
+        self._sums = torch.zeros(3, dtype=torch.float64, device=prec.device)
+        self._sums_base = (0.0, 0.0, 0.0)
+        # (step, loss) of this rank's first non-finite loss (step -1: none yet), recorded on the device and read
+        # every FINITE_CHECK_EVERY steps (every optimizer step under torchrun, all-reduced with the stop flag)
+        self._first_bad = torch.full((2,), -1.0, dtype=torch.float64, device=prec.device)
+        self._checked_step = 0
 
     # --- phases, optimizer ---------------------------------------------------------------------------
     def _phase_for_epoch(self, epoch: int) -> tuple[int, Phase, int]:
@@ -260,7 +269,10 @@ class Trainer:
 
     def save_last(self) -> None:
         """Write ``checkpoints/last`` (rank 0; under torchrun every rank must call it: it gathers RNG states)."""
+        if not self.distributed:  # (under torchrun a bad loss was caught, on every rank, at the step's all-reduce)
+            self._raise_if_diverged()
         self._check_finite()
+        self.epoch_sums = self._epoch_totals() if self.batch_in_epoch else (0.0, 0.0, 0.0)
         rng = distributed.all_gather_object(self._rng_state()) if self.distributed else [self._rng_state()]
         if not self.is_main:
             self._saved_step, self._last_saved = self.step, self._position()
@@ -270,9 +282,11 @@ class Trainer:
         self._save_clock(force=True)
         tensors = self._model_tensors(self.model)
         meta = self._meta()
+        if self.scaler is not None:  # fp16: the loss scale it had found, so a resumed run does not search again
+            meta["scaler"] = self.scaler.state_dict()
         if self.ema is not None:
             tensors.update({"ema." + k: v for k, v in self.ema.module.state_dict().items()})
-            tensors["ema_n_averaged"] = self.ema.n_averaged.detach().cpu().reshape(1)
+            tensors["ema_n_averaged"] = torch.tensor([self.ema.n_averaged], dtype=torch.int64)
         if self.slow is not None:
             tensors.update({"lookahead." + k: v for k, v in self.slow.items()})
         if self.opt is not None:
@@ -340,7 +354,9 @@ class Trainer:
     def _own_clock(self) -> float:
         """What this process adds to the all-reduce of the clock: the budget's seconds so far on rank 0 (this run's
         earlier sessions included), 0 on the others."""
-        return self._clock_base + time.perf_counter() - self._t_start if self.rank == 0 else 0.0
+        if self.rank != 0:
+            return 0.0
+        return self._clock_base + time.perf_counter() - self._t_start - self._compile_s  # compiling: not charged
 
     def resume(self) -> bool:
         """Restore model, optimizer, EMA, RNG states and counters from ``checkpoints/last``."""
@@ -358,7 +374,7 @@ class Trainer:
         ckpt.load_weights(ckpt.unwrap(self.model), ckpt.strip_prefix(tensors, "model."), used)
         if self.ema is not None and any(k.startswith("ema.") for k in tensors):
             self.ema.module.load_state_dict(ckpt.strip_prefix(tensors, "ema."))
-            self.ema.n_averaged.copy_(tensors["ema_n_averaged"].reshape(()).to(self.ema.n_averaged.device))
+            self.ema.n_averaged = int(tensors["ema_n_averaged"].reshape(()))
         if self.slow is not None:  # a checkpoint without it (lookahead turned on later): start from the weights
             saved = ckpt.strip_prefix(tensors, "lookahead.")
             state = self.model.state_dict()
@@ -376,6 +392,9 @@ class Trainer:
             self.warmup_end = (float(start_s), int(steps), float(peak[0]) if peak else 1.0)
         if self.batch_in_epoch and "epoch_sums" in meta:
             self.epoch_sums = tuple(float(v) for v in meta["epoch_sums"])
+            self._sums_base = self.epoch_sums
+        if self.scaler is not None and meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
         phase_index = int(meta.get("phase", -1))
         if phase_index >= 0:
             self._enter_phase(phase_index)
@@ -386,7 +405,7 @@ class Trainer:
         prefix = "rng." if self.rank == 0 else f"rng.rank{self.rank}."
         if prefix + "aug" in tensors:  # absent in checkpoints from before they were saved
             torch.set_rng_state(tensors[prefix + "torch"])
-            self.aug_gen.set_state(tensors[prefix + "aug"])
+            self._restore_aug_state(tensors[prefix + "aug"])
             if prefix + "cuda" in tensors and self.prec.device.type == "cuda":
                 torch.cuda.set_rng_state(tensors[prefix + "cuda"], self.prec.device)
         norms = self.run_dir / "grad_norms.jsonl"
@@ -398,22 +417,46 @@ class Trainer:
         self.log(f"resumed from {used} at epoch {self.epoch + 1}, batch {self.batch_in_epoch}")
         return True
 
+    def _restore_aug_state(self, state: torch.Tensor) -> None:
+        """The augmentation generator's saved state, when it was saved by a generator of this device type. A CPU
+        generator's state (5,056 bytes) does not fit a CUDA one (16 bytes) or the reverse, and ``--device`` may
+        change on resume: then the stream restarts from a seed of (seed, rank, step), the same on every resume
+        at that step, and the run says so."""
+        if state.numel() == self.aug_gen.get_state().numel():
+            self.aug_gen.set_state(state)
+            return
+        self.aug_gen.manual_seed((self.cfg.seed + 1 + 1000 * self.rank) * 1_000_003 + self.step)
+        self.log(f"note: the augmentation stream was saved on another device type than {self.prec.device.type}; it "
+                 f"restarts from a seed of step {self.step}, so later augmentations differ from an uninterrupted run's")
+
     # --- one step, one epoch ---------------------------------------------------------------------------
     def _grad_norms(self) -> dict[str, float]:
-        sq: dict[str, float] = {}
+        """Per-stage gradient norms: one ``_foreach_norm`` and one transfer to the host (not one per tensor)."""
         stages = getattr(ckpt.unwrap(self.model), "stage_names", [])
+        by_stage: dict[str, list[torch.Tensor]] = {}
         for name, p in ckpt.unwrap(self.model).named_parameters():
             if p.grad is not None:
-                s = stage_of(name, stages)
-                sq[s] = sq.get(s, 0.0) + float(p.grad.detach().float().pow(2).sum())
-        order = ["stem", *stages, "final", "head"]
-        return {s: math.sqrt(sq[s]) for s in order if s in sq}
+                by_stage.setdefault(stage_of(name, stages), []).append(p.grad.detach())
+        order = [s for s in ("stem", *stages, "final", "head") if s in by_stage]
+        if not order:
+            return {}
+        norms = torch._foreach_norm([g for s in order for g in by_stage[s]])
+        sq, i = [], 0
+        for s in order:
+            n = len(by_stage[s])
+            sq.append(torch.stack(norms[i:i + n]).double().pow(2).sum())
+            i += n
+        return dict(zip(order, torch.stack(sq).sqrt().tolist()))
 
     def train_step(self, xb: torch.Tensor, yb: torch.Tensor,
                    sample_index: torch.Tensor | None = None) -> tuple[float, float, int]:
         """Forward and backward of one batch, then the optimizer step if the batch ends its accumulation group
         (always without accumulation). ``sample_index``: the batch's positions in the dataset, for the pipeline's
-        per-sample augmentations. Returns this rank's ``(loss x samples, correct, samples)``."""
+        per-sample augmentations. Returns this rank's ``(loss x samples, correct, samples)``, the first two as
+        device tensors (reading them is a host sync; the loop adds them up on the device instead).
+
+        A non-finite loss is recorded (see ``_raise_if_diverged``), not raised here: checking it every step would
+        sync the host with the device every step."""
         self._consistent = False  # from here until the group's counters and sums are updated (fit)
         index, size = self._accum
         final = index == size - 1
@@ -426,9 +469,7 @@ class Trainer:
             with self.prec.autocast():
                 logits = self.forward_model(x)
             loss = self.criterion(logits.float(), y)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"loss is {loss.item()} at epoch {self.epoch + 1}, step {self.step}: "
-                                       f"lower --lr or turn on --grad-clip; {self._kept()}")
+            self._note_loss(loss.detach())
             if index == 0:
                 self.opt.zero_grad(set_to_none=True)
             scaled = loss / size if size > 1 else loss  # the group's gradient is the mean over its batches
@@ -441,7 +482,41 @@ class Trainer:
             self._optimizer_step()
         with torch.no_grad():
             correct = _soft_accuracy(logits.float(), y)
-        return float(loss.detach()) * len(xb), float(correct), len(xb)
+            loss_sum = loss.detach().double() * len(xb)
+            self._sums[0] += loss_sum
+            self._sums[1] += correct
+            self._sums[2] += len(xb)
+        return loss_sum, correct, len(xb)
+
+    @torch.no_grad()
+    def _note_loss(self, loss: torch.Tensor) -> None:
+        """Record (step, loss) if this is the first non-finite loss: device operations only, no sync."""
+        fresh = ~torch.isfinite(loss) & (self._first_bad[0] < 0)
+        self._first_bad.copy_(torch.where(fresh, torch.stack([torch.full_like(self._first_bad[0], self.step),
+                                                              loss.double()]), self._first_bad))
+
+    def _raise_if_diverged(self) -> None:
+        """TrainingDiverged if a loss of this rank since the start was NaN or infinite (one read of the device)."""
+        self._checked_step = self.step
+        step, loss = self._first_bad.tolist()
+        if step >= 0:
+            raise TrainingDiverged(f"loss is {loss} at epoch {self.epoch + 1}, step {int(step)}: lower --lr or turn on "
+                                   f"--grad-clip; {self._kept()}")
+
+    def _epoch_totals(self) -> tuple[float, float, float]:
+        """This epoch's ``(loss x samples, correct, samples)`` over every rank, batches from before a resume
+        included: one read of the device (under torchrun an all-reduce, so every rank must call it)."""
+        sums = self._sums
+        if self.distributed:
+            sums = sums.clone()
+            torch.distributed.all_reduce(sums)
+        loss_sum, correct, seen = sums.tolist()
+        base = self._sums_base
+        return base[0] + loss_sum, base[1] + correct, base[2] + seen
+
+    def _reset_epoch_sums(self, base: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> None:
+        self._sums.zero_()
+        self._sums_base = base
 
     def _optimizer_step(self) -> None:
         """Unscale, record gradient norms, clip, step, update the EMA: the end of an accumulation group."""
@@ -502,9 +577,13 @@ class Trainer:
 
     def _train_scale(self) -> float:
         """Progressive resizing: the training input's share of the full size now, from ``cfg.progressive_resize``
-        at the start to 1 at ``RESIZE_RAMP`` of the run (of its steps, or of its time budget if that is ahead)."""
+        at the start to 1 at ``RESIZE_RAMP`` of the run (of its steps, or of its time budget if that is ahead).
+        Compiled, in ``COMPILE_SIZE_BUCKETS`` steps: each new size compiles the model again."""
         start = self.cfg.progressive_resize
-        return start + (1.0 - start) * min(self._progress() / RESIZE_RAMP, 1.0)
+        ramp = min(self._progress() / RESIZE_RAMP, 1.0)
+        if self.cfg.compile:
+            ramp = math.floor(ramp * COMPILE_SIZE_BUCKETS) / COMPILE_SIZE_BUCKETS
+        return start + (1.0 - start) * ramp
 
     def _progress(self) -> float:
         """The run's share done, in [0, 1]: of its steps, or of its time budget if that is further on."""
@@ -580,6 +659,8 @@ class Trainer:
                             self.save_last()
                             if self.is_main:
                                 self._write_metrics()
+                        elif self._saved_step != self.step:  # --save-at-end: not saved when that epoch ended
+                            self.save_last()
                         break
                 index, phase, phase_start = self._phase_for_epoch(self.epoch)
                 if index != self._phase_index:
@@ -590,8 +671,8 @@ class Trainer:
                 warmup = min(int(self.cfg.warmup_epochs * self.steps_per_epoch), phase_steps // 4) if index == 0 else 0
                 self._log_mark = (time.perf_counter(), 0)  # (throughput of a step log spans no validation)
                 t0 = time.perf_counter()
-                loss_sum, correct, seen = self.epoch_sums if self.batch_in_epoch else (0.0, 0.0, 0.0)
-                seen_before = seen  # samples of this epoch trained before a resume: not in this session's time
+                self._reset_epoch_sums(self.epoch_sums if self.batch_in_epoch else (0.0, 0.0, 0.0))
+                seen_before = self._sums_base[2]  # samples of this epoch trained before a resume: not in its time
                 # the lr of the epoch's latest step: what the record shows when a run interrupted after the last
                 # batch (during validation) resumes with no batch left to train
                 last_b = max(self.batch_in_epoch - 1, 0)  # (a group's lr is that of its first batch)
@@ -602,7 +683,6 @@ class Trainer:
                            dynamic_ncols=True,
                            disable=not bars)
                 accum, first_batch = self.cfg.accum_steps, self.batch_in_epoch
-                group = (0.0, 0.0, 0.0)  # this rank's sums over the batches of the current accumulation group
                 for xb, yb, sample_index in self.train_loader.epoch(self.epoch, self.batch_in_epoch, with_index=True):
                     if self._budget_spent() and self.step > 0:
                         break  # a resumed epoch whose budget had run out: straight to its validation
@@ -617,29 +697,39 @@ class Trainer:
                     lr = set_lr(self.opt, self.base_lr, self._lr_factor(phase_step, phase_steps, warmup))
                     if self.cfg.progressive_resize:
                         self.pipeline.set_train_scale(self._train_scale(), self.min_side)
-                    l_sum, c, n = self.train_step(xb, yb, sample_index)
-                    group = (group[0] + l_sum, group[1] + c, group[2] + n)
+                    compiling = self.cfg.compile and self._first_of_shape(xb)
+                    t_step = time.perf_counter() if compiling else 0.0
+                    self.train_step(xb, yb, sample_index)
+                    if compiling:  # compilation (tens of seconds) is not charged to a time budget
+                        if self.prec.device.type == "cuda":
+                            torch.cuda.synchronize(self.prec.device)
+                        self._compile_s += time.perf_counter() - t_step
                     self.step += 1
                     self.batch_in_epoch += 1
                     self._log_mark = (self._log_mark[0], self._log_mark[1] + len(xb))
                     bar.update(1)
                     if self.batch_in_epoch < g_end:
                         continue  # the optimizer steps with the group's last batch; stops and saves wait for it
-                    totals = [*group, float(self._stop_requested), own_clock()]
-                    if self.distributed:  # every rank's sums, one decision to stop, and rank 0's clock
-                        totals = distributed.all_reduce_sum(totals, self.prec.device)
-                    group = (0.0, 0.0, 0.0)
-                    self.clock = totals[4]
-                    loss_sum, correct, seen = loss_sum + totals[0], correct + totals[1], seen + totals[2]
-                    self.epoch_sums = (loss_sum, correct, seen)
+                    if self.distributed:  # a bad loss on any rank, one decision to stop, and rank 0's clock
+                        flags = torch.tensor([float(self._stop_requested), own_clock()], dtype=torch.float64)
+                        flags = torch.cat([(self._first_bad[:1] >= 0).double(), flags.to(self.prec.device)])
+                        bad, stop, self.clock = distributed.all_reduce_sum(flags, self.prec.device)
+                        if bad:  # every rank stops here, at this step, with the same error
+                            raise TrainingDiverged(  # (the step of the group's last batch, as a single process counts)
+                                f"loss is NaN or infinite in {int(bad)} of {distributed.world_size()} processes at "
+                                f"epoch {self.epoch + 1}, step {self.step - 1}: lower --lr or turn on --grad-clip; "
+                                f"{self._kept()}")
+                    else:
+                        stop, self.clock = self._stop_requested, own_clock()
+                        if self.step - self._checked_step >= FINITE_CHECK_EVERY:
+                            self._raise_if_diverged()
                     self._consistent = True  # the step and its group are counted: a save here resumes exactly
                     if self.loggers is not None and self.loggers.due(self.step):
                         self._log_step(lr)
                     self._save_clock()
-                    elapsed = time.perf_counter() - t0
-                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                                    lr=f"{lr:.3g}", ips=f"{(seen - seen_before) / max(elapsed, 1e-9):.0f}/s")
-                    if totals[3]:
+                    if bars and self.step % FINITE_CHECK_EVERY == 0:
+                        self._show_progress(bar, lr, t0, seen_before)
+                    if stop:
                         raise _StopRequested
                     if self._budget_spent():
                         self.log(f"time budget of {self.cfg.time_budget:g} min reached at epoch {self.epoch + 1}, "
@@ -650,6 +740,7 @@ class Trainer:
                         self.save_last()
                 bar.close()
                 train_seconds = time.perf_counter() - t0
+                loss_sum, correct, seen = self._epoch_totals()
                 record = self._end_epoch(loss_sum, correct, seen, train_seconds, lr, seen - seen_before)
                 epoch_bar.update(1)
                 epoch_bar.set_postfix(val_acc=f"{record.get('val_acc', float('nan')):.4f}",
@@ -701,6 +792,22 @@ class Trainer:
                                               b"(Ctrl-C again: stop at once)\n")
         self._stop_requested = True
 
+    def _first_of_shape(self, xb: torch.Tensor) -> bool:
+        """Whether this batch's model input has a shape not trained on yet in this process (``--compile``
+        compiles again for it)."""
+        key = (tuple(xb.shape), getattr(self.pipeline, "train_size", None))
+        if key in self._compiled_shapes:
+            return False
+        self._compiled_shapes.add(key)
+        return True
+
+    def _show_progress(self, bar, lr: float, t0: float, seen_before: float) -> None:
+        """The progress bar's running loss, accuracy and speed, from this rank's device sums (one read)."""
+        loss_sum, correct, seen = (a + b for a, b in zip(self._sums_base, self._sums.tolist()))
+        elapsed = time.perf_counter() - t0
+        bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.3f}", acc=f"{correct / max(seen, 1):.3f}", lr=f"{lr:.3g}",
+                        ips=f"{(seen - seen_before) / max(elapsed, 1e-9):.0f}/s")
+
     def _end_epoch(self, loss_sum: float, correct: float, seen: float, seconds: float, lr: float,
                    timed: float) -> dict:
         """``seen`` samples in the epoch, of which ``timed`` in ``seconds`` (fewer after a mid-epoch resume)."""
@@ -708,6 +815,8 @@ class Trainer:
                   "lr": lr, "seconds": round(seconds, 3), "samples_per_s": round(timed / max(seconds, 1e-9), 1)}
         if self.batch_in_epoch < self.steps_per_epoch:  # an epoch cut short by the time budget
             record["batches"] = self.batch_in_epoch
+        if not self.distributed:
+            self._raise_if_diverged()
         self._check_finite()  # weights that diverged on the epoch's last step are never validated or saved
         if self.distributed:  # rank 0's BN statistics everywhere: every rank validates the model rank 0 saves
             distributed.broadcast_buffers(self.model)
@@ -716,14 +825,17 @@ class Trainer:
         # validated before the epoch counts as done: Ctrl-C during validation resumes into it
         candidates = self._validation_candidates(record) if self._validates_now() else []
         self._consistent = False
+        final = self._is_last_epoch()
         self.epoch += 1
         self.batch_in_epoch = 0
         self.epoch_sums = (0.0, 0.0, 0.0)
+        self._reset_epoch_sums()
         self.history.append(record)
         if candidates:
             self._keep_best(record, candidates)
         self._consistent = True
-        self.save_last()
+        if final or not self.cfg.save_at_end or self._pending_best is not None:  # (best is written with last)
+            self.save_last()
         if self.is_main:
             self._write_metrics()
         return record
@@ -758,9 +870,12 @@ class Trainer:
     def _validates_now(self) -> bool:
         """``cfg.val_every``: every N-th epoch, and always the run's last (its final epoch, or one the budget cut)."""
         every = self.cfg.val_every
-        last = self.epoch + 1 >= self.total_epochs or self.batch_in_epoch < self.steps_per_epoch or \
+        return self._is_last_epoch() or (every > 0 and (self.epoch + 1) % every == 0)
+
+    def _is_last_epoch(self) -> bool:
+        """Whether the epoch now ending is the run's last: its final epoch, or one the time budget cut."""
+        return self.epoch + 1 >= self.total_epochs or self.batch_in_epoch < self.steps_per_epoch or \
             self._budget_spent()
-        return last or (every > 0 and (self.epoch + 1) % every == 0)
 
     def _write_metrics(self) -> None:
         """metrics.jsonl from the checkpointed history, so a resumed run never duplicates or loses a line."""
@@ -778,6 +893,8 @@ def _takes_sample_index(pipeline: Pipeline) -> bool:
 CLOCK_FILE = "clock.json"  # in checkpoints/: the time budget's seconds spent, written more often than checkpoints
 CLOCK_SAVE_EVERY_S = 5.0  # at most this much of a budget's time is lost to a kill between checkpoints
 LOOKAHEAD_EVERY = 5  # optimizer steps between lookahead syncs (airbench)
+FINITE_CHECK_EVERY = 20  # steps between reads of the non-finite-loss flag (one host sync each); also at epoch ends
+COMPILE_SIZE_BUCKETS = 3  # --compile with progressive resizing: the size grows in this many steps (one compile each)
 BUDGET_WARMUP_SHARE = 0.2  # a warm-up may take at most this share of a time budget
 RESIZE_RAMP = 0.75  # progressive resizing reaches the full size at this share of the run; the rest trains at it
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from resnetlab.training.engine import Phase, Trainer, TrainingDiverged
+from resnetlab.training.engine import Phase, Trainer
 from resnetlab.training.optim import set_lr
 
 
@@ -40,11 +40,10 @@ def lr_range_test(trainer: Trainer, *, start_lr: float = 1e-6, end_lr: float = 1
         for xb, yb in trainer.train_loader.epoch(epoch):
             lr = start_lr * ratio ** step
             set_lr(trainer.opt, lr, 1.0)
-            try:
-                loss_sum, _, n = trainer.train_step(xb, yb)
-            except TrainingDiverged:
+            loss_sum, _, n = trainer.train_step(xb, yb)
+            loss = float(loss_sum) / n  # one read per step: the sweep needs every step's loss
+            if not math.isfinite(loss):
                 break
-            loss = loss_sum / n
             avg = smooth * avg + (1 - smooth) * loss
             smoothed = avg / (1 - smooth ** (step + 1))
             lrs.append(lr)
