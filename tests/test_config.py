@@ -51,7 +51,7 @@ def test_coerce_converts_values(key, raw, expected):
     ("flip", 2, "expected bool"),
     ("mean", "a,b", "expected list"),
     ("optimizer", "rmsprop", "allowed: sgd, adamw"),
-    ("schedule", "step", "allowed: linear, cosine, constant"),
+    ("schedule", "exponential", "allowed: linear, cosine, constant, step"),
     ("precision", "int8", "allowed: auto, fp32, bf16, fp16"),
     ("optimizer", None, "cannot be empty"),
 ])
@@ -234,4 +234,4 @@ def test_the_linear_schedule_is_also_read_under_its_old_name_onecycle(tmp_path, 
     assert _cli_config(monkeypatch, ["train", "--data", "somewhere", "--schedule", "onecycle"]).schedule == "linear"
     with pytest.raises(SystemExit):
         main(["train", "--help"])
-    assert "{linear,cosine,constant}" in capsys.readouterr().out
+    assert "{linear,cosine,constant,step}" in capsys.readouterr().out

@@ -8,6 +8,8 @@ run where CUDA is (``benchmarks/gpu_all.py`` runs them first on a lent GPU) and 
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+import resnetlab
 from conftest import tiny_options
 from resnetlab.data import augment
 from resnetlab.models import create_model
@@ -389,6 +392,15 @@ def test_compile_time_is_not_charged_to_the_budget(tmp_path, monkeypatch):
     assert compiled == [{"dynamic": False}]
     assert [r["epoch"] for r in trainer.history] == [1, 2, 3] and "batches" not in trainer.history[0]
     assert trainer.clock < 12.0  # before: the first step alone spent the budget, and the run stopped there
+    assert trainer.history[0]["compile_seconds"] >= 100.0 and "compile_seconds" not in trainer.history[1]
+
+
+def test_step_schedule_is_he_et_al_2015():
+    """64k iterations: lr 0.1 to 32k, 0.01 to 48k, 0.001 after."""
+    from resnetlab.training.optim import lr_at
+
+    factors = [lr_at(s, 64_000, 0, "step") for s in (0, 31_999, 32_000, 47_999, 48_000, 63_999)]
+    assert factors == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
 
 
 def test_compiled_progressive_resizing_uses_a_few_fixed_sizes():
@@ -431,3 +443,319 @@ def test_data_on_the_device_needs_one_copy_per_epoch(monkeypatch):
     for i, (xb, yb, idx) in enumerate(batches):
         assert idx.tolist() == order[4 * i:4 * i + 4].tolist()
         assert torch.equal(xb, torch.from_numpy(x[idx.numpy()])) and yb.tolist() == y[idx.numpy()].tolist()
+
+
+# --- the image pipeline's direct uint8 crop/flip path ----------------------------------------------------------
+
+
+def _pipelines(**kw):
+    from resnetlab.data.image_pipeline import ImagePipeline
+
+    make = lambda: ImagePipeline((12, 10), 3, [0.4, 0.5, 0.6], [0.2, 0.25, 0.3], 10, **kw)  # noqa: E731
+    direct, general = make(), make()
+    general._direct = lambda x: False  # the general float path, as every batch took before
+    return direct, general
+
+
+@pytest.mark.parametrize("flip_mode", ["random", "alternate"])
+@pytest.mark.parametrize("crop_pad", [0, 2, 4])
+def test_direct_crop_flip_matches_the_float_path(crop_pad, flip_mode):
+    """Same draws in the same order, reflect padding as index arithmetic, normalisation as one multiply-add: the
+    same images as pad + gather + flip + normalise in float32, in float32 (to rounding) and in bf16 channels-last."""
+    direct, general = _pipelines(crop_pad=crop_pad, flip_mode=flip_mode)
+    x = torch.randint(0, 256, (16, 3, 12, 10), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    index = torch.arange(100, 116)
+    kw = {"index": index, "epoch": 3}
+    want, _ = general(x, None, train=True, generator=torch.Generator().manual_seed(5), **kw)
+    got, _ = direct(x, None, train=True, generator=torch.Generator().manual_seed(5), **kw)
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    direct.set_output(torch.bfloat16, channels_last=True)
+    got, _ = direct(x, None, train=True, generator=torch.Generator().manual_seed(5), **kw)
+    assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=2e-2)  # bf16: 8 bits of mantissa
+
+
+def test_the_general_path_still_takes_what_the_direct_one_cannot():
+    direct, _ = _pipelines(crop_pad=2, cutout=3)
+    x = torch.zeros(2, 3, 12, 10, dtype=torch.uint8)
+    assert not direct._direct(x)
+    assert not _pipelines(rrc=True)[0]._direct(x) and _pipelines(crop_pad=2)[0]._direct(x)
+
+
+# --- on a GPU (benchmarks/gpu_all.py runs these first on a lent device) ------------------------------------------
+
+def _cuda_run(tmp_path: Path, data: Path, **overrides):
+    opts = tiny_options(tmp_path, device="cuda", precision="bf16", channels_last=True, epochs=2)
+    opts.update(overrides)
+    return resnetlab.train(str(data), log=_quiet, **opts)
+
+
+def _records(run_dir) -> list[dict]:
+    return [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_bf16_channels_last_step(tmp_path, monkeypatch):
+    """One training step on CUDA in bf16 with channels-last: the batch reaches the model as bf16 channels-last
+    (the direct uint8 path), the loss is finite and no host read happens inside the step."""
+    from resnetlab.data.image_pipeline import ImagePipeline
+    from resnetlab.data.loader import ArrayLoader
+    from resnetlab.training.config import TrainConfig, make_config
+    from resnetlab.training.engine import Trainer
+    from resnetlab.training.precision import pick_precision
+
+    x = np.random.default_rng(0).integers(0, 256, size=(64, 3, 32, 32), dtype=np.uint8)
+    y = np.arange(64) % 10
+    prec = pick_precision(torch.device("cuda"), "bf16", True)
+    pipe = ImagePipeline((32, 32), 3, [0.5] * 3, [0.25] * 3, 10, crop_pad=4)
+    cfg = make_config(TrainConfig, {"batch_size": 32, "epochs": 1, "lr": 0.05, "weight_decay": 5e-4,
+                                    "warmup_epochs": 0.0, "grad_norm_every": 0, "quiet": True,
+                                    "out": str(tmp_path / "run")})
+    loader = ArrayLoader(x, y, 32, shuffle=True, drop_last=True, device="cuda", on_device=True)
+    trainer = Trainer(create_model("resnet20", num_classes=10), pipe, loader, None, cfg, tmp_path / "run", {}, prec,
+                      log=_quiet)
+    trainer._enter_phase(0)
+    seen = []
+    forward = trainer.forward_model
+    trainer.forward_model = lambda inp: (seen.append((inp.dtype, inp.is_contiguous(
+        memory_format=torch.channels_last))), forward(inp))[1]
+    xb, yb, idx = next(loader.epoch(0, with_index=True))
+    counter = SyncCounter(monkeypatch)
+    loss_sum, correct, n = trainer.train_step(xb, yb, idx)
+    assert counter.total == 0, str(counter.calls)
+    monkeypatch.undo()
+    assert seen == [(torch.bfloat16, True)] and loss_sum.device.type == "cuda"
+    assert math.isfinite(float(loss_sum)) and 0 <= float(correct) <= n == 32
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_fused_optimizer_matches_the_foreach_one():
+    from resnetlab.training.optim import build_optimizer, param_groups
+
+    models = [create_model("resnet20", num_classes=10).cuda() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [build_optimizer(param_groups(m, 5e-4, 0.1), "sgd", 0.1, 0.9) for m in models]
+    assert opts[0].defaults.get("fused") is True
+    opts[1] = torch.optim.SGD(param_groups(models[1], 5e-4, 0.1), lr=0.1, momentum=0.9, nesterov=True,
+                              foreach=True)
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    for m, o in zip(models, opts):
+        for _ in range(3):
+            m(x).square().mean().backward()
+            o.step()
+            o.zero_grad()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_compile_trains_and_records_its_compile_time(tmp_path, tiny_data):
+    result = _cuda_run(tmp_path, tiny_data, compile=True)
+    records = _records(result.run_dir)
+    assert len(records) == 2 and all(math.isfinite(r["train_loss"]) for r in records)
+    assert records[0].get("compile_seconds", 0) > 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_ema(tmp_path, tiny_data):
+    result = _cuda_run(tmp_path, tiny_data, ema=0.9)
+    tensors, meta = read_checkpoint(Path(result.run_dir) / "checkpoints" / "last.safetensors")
+    assert int(tensors["ema_n_averaged"].reshape(())) == meta["step"] > 0
+    assert "ema_val_acc" in _records(result.run_dir)[-1]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("first,second", [("cpu", "cuda"), ("cuda", "cpu")])
+def test_resume_across_cpu_and_cuda(capsys, tmp_path, tiny_data, first, second):
+    """A run started on one device type finishes on the other: weights, optimizer and EMA move; the augmentation
+    stream is re-seeded (its state does not fit the other type's generator)."""
+    import yaml
+
+    from conftest import run_cli
+
+    opts = tiny_options(tmp_path, device=first, precision="fp32", epochs=1, ema=0.9)
+    result = resnetlab.train(str(tiny_data), log=_quiet, **opts)
+    run = Path(result.run_dir)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["epochs"] = 2
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    code, out, err = run_cli(capsys, "train", "--out", run, "--resume", "--quiet", "--device", second)
+    assert code == 0, err
+    assert "augmentation stream was saved on another device type" in out
+    assert read_checkpoint(run / "checkpoints" / "last.safetensors")[1]["epoch"] == 2
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_export_and_predict(tmp_path):
+    from deploy_helpers import make_run, write_image
+    from resnetlab.deploy.export import export_model
+    from resnetlab.deploy.predictor import Predictor
+
+    run = make_run(tmp_path / "run", num_classes=3)
+    image = write_image(tmp_path / "x.png", 16)
+    cpu = Predictor.load(run, backend="eager", device="cpu").predict_files([image])
+    gpu = Predictor.load(run, backend="eager", device="cuda")
+    assert gpu.device.type == "cuda"
+    got = gpu.predict_files([image])
+    assert got[0]["top_k"][0]["label"] == cpu[0]["top_k"][0]["label"]
+    exported = export_model(run, "torchscript", tmp_path / "m.pt")
+    assert exported.path.is_file()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_server(tmp_path):
+    import http.client
+
+    from deploy_helpers import make_run, write_image
+    from resnetlab.deploy.predictor import Predictor
+    from test_serve import multipart, running, stop
+
+    run = make_run(tmp_path / "run", num_classes=3)
+    server, thread = running(Predictor.load(run, backend="eager", device="cuda"))
+    try:
+        body, ctype = multipart({"file": ("x.png", write_image(tmp_path / "x.png", 16).read_bytes())})
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
+        conn.request("POST", "/predict", body=body, headers={"Content-Type": ctype})
+        r = conn.getresponse()
+        answer = json.loads(r.read())
+        conn.close()
+        assert r.status == 200, answer
+    finally:
+        stop(server, thread)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.slow
+def test_one_process_nccl_under_torchrun(tmp_path, tiny_data):
+    """torchrun with one process: the NCCL group forms and the collectives the trainer uses run on the GPU; then a
+    training run under torchrun finishes."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "nccl.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "from resnetlab.training import distributed as d\n"
+        "dist.init_process_group('nccl')\n"
+        "torch.cuda.set_device(0)\n"
+        "t = torch.tensor([1.0, 2.0], device='cuda')\n"
+        "dist.all_reduce(t)\n"
+        "assert t.tolist() == [1.0, 2.0]\n"
+        "m = torch.nn.BatchNorm2d(3).cuda()\n"
+        "for b in m.buffers():\n"
+        "    dist.broadcast(b, src=0)\n"
+        "dist.barrier(device_ids=[0])\n"
+        "dist.destroy_process_group()\n"
+        "print('NCCL OK')\n")
+    env = {**os.environ, "RESNETLAB_CACHE": str(tmp_path / "cache")}
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
+    done = subprocess.run([*run, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "NCCL OK" in done.stdout, done.stderr[-3000:]
+    from conftest import train_argv
+
+    argv = train_argv(tmp_path, tiny_data, device="cuda", epochs=1)
+    done = subprocess.run([*run, "-m", "resnetlab", *argv], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_audio_pipeline_matches_cpu():
+    from resnetlab.data.audio_pipeline import AudioPipeline
+
+    waves = (torch.randn(6, 8000, generator=torch.Generator().manual_seed(0)) * 3000).to(torch.int16)
+    pipe = AudioPipeline(num_classes=3, sample_rate=8000, num_samples=8000, features="logmel", n_mels=20)
+    cpu, _ = pipe(waves, None, train=False)
+    assert pipe.to("cuda").device.type == "cuda"
+    gpu, _ = pipe(waves.cuda(), None, train=False)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=2e-3)
+    # training augmentation with a CPU generator and a CUDA batch (drawn on the CPU, moved)
+    out, _ = pipe(waves.cuda(), torch.zeros(6, dtype=torch.long, device="cuda"), train=True,
+                  generator=torch.Generator().manual_seed(0))
+    assert out.device.type == "cuda" and torch.isfinite(out).all()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_image_augmentations_with_a_cpu_generator():
+    x = torch.rand(4, 3, 8, 8, device="cuda")
+    gen = torch.Generator().manual_seed(0)
+    for out in (augment.random_crop(x, 2, gen), augment.random_flip(x, gen), augment.cutout(x, 3, gen),
+                augment.random_resized_crop(x, (6, 6), generator=gen)):
+        assert out.device.type == "cuda"
+
+
+DETERMINISM_SCRIPT = """
+import os, sys, torch
+from resnetlab.models import create_model
+from resnetlab.models.registry import get_spec
+torch.use_deterministic_algorithms(True)
+failed = []
+for arch in sys.argv[1:]:
+    spec = get_spec(arch)
+    grads = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = create_model(arch, num_classes=5).cuda()
+        x = torch.randn((4, 1, 32, 32) if spec.ndim == 2 and getattr(spec, "modality", "image") == "audio" else
+                        (4, 3, 32, 32) if spec.ndim == 2 else (4, model.in_chans, 400),
+                        generator=torch.Generator().manual_seed(1)).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x).float().square().mean()
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None]))
+    if not torch.equal(grads[0], grads[1]):
+        failed.append(arch)
+    print(arch, "ok" if arch not in failed else "DIFFERS", flush=True)
+sys.exit(1 if failed else 0)
+"""
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.slow
+def test_deterministic_every_model_family_on_cuda(tmp_path):
+    """--deterministic with one model of each family: forward and backward run (no op without a deterministic
+    CUDA kernel; fastresnet's global max-pool was one) and two runs give bitwise equal gradients."""
+    import subprocess
+    import sys
+
+    families = ["resnet20", "resnet18", "resnet50d", "resnext50_32x4d", "wide_resnet50_2", "preact_resnet20",
+                "plain20", "fastresnet", "fastplain", "seed_resnet", "res8", "tc_resnet8", "resnet1d18",
+                "seed_resnet1d"]
+    script = tmp_path / "det.py"
+    script.write_text(DETERMINISM_SCRIPT)
+    env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    done = subprocess.run([sys.executable, str(script), *families], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count(" ok") == len(families)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cudnn_benchmark_on_unless_deterministic(tmp_path, tiny_data, monkeypatch):
+    from resnetlab.training import engine
+
+    seen = []
+    original = engine.Trainer.fit
+
+    def fit(self):
+        seen.append(torch.backends.cudnn.benchmark)
+        return original(self)
+
+    monkeypatch.setattr(engine.Trainer, "fit", fit)
+    _cuda_run(tmp_path / "a", tiny_data, epochs=1)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    _cuda_run(tmp_path / "b", tiny_data, epochs=1, deterministic=True)
+    assert seen == [True, False]

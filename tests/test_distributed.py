@@ -84,21 +84,47 @@ def test_two_processes_of_4_end_with_the_weights_of_one_process_of_8(tmp_path):
     assert meta["world_size"] == 2 and "rng.rank1.aug" in tensors and "rng.aug" in tensors
 
 
-@pytest.mark.slow
+def _fit_rank(rank: int, world: int, init_file: str, out: str, nan_at: tuple[int, int], said) -> None:
+    """One rank of a gloo group in a forked process: the tiny fit, with ``nan_at``'s rank's loss turning NaN."""
+    import torch.distributed as dist
+
+    from resnetlab.training.engine import TrainingDiverged
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        tiny_fit.fit(Path(out), 4, nan_at=nan_at)
+        said.put((rank, "finished"))
+    except TrainingDiverged as e:
+        said.put((rank, str(e)))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_nan_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     """Rank 1's loss turns NaN at step 3, rank 0's stays finite: the flag rides on the step's all-reduce, so both
     ranks raise TrainingDiverged at that step with the same message (before: rank 1 raised alone and rank 0 waited
-    in its next all-reduce for the 30-minute timeout, or until torchrun killed it)."""
-    run = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(Path(tiny_fit.__file__)), str(run), "4", "1", "3"],
-                          env=_env(tmp_path), capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0
-    said = sorted(ln for ln in done.stdout.splitlines() if ln.startswith("rank "))
-    assert len(said) == 2, done.stdout[-3000:] + done.stderr[-3000:]
-    assert said[0].startswith("rank 0: loss is NaN or infinite in 1 of 2 processes at epoch 1, step 3:")
-    assert said[1] == "rank 1" + said[0][len("rank 0"):]  # the same step, the same words
-    assert not (run / "checkpoints" / "last.safetensors").exists()
+    in its next all-reduce, for the 30-minute timeout under torchrun). Two gloo processes, forked from this one
+    (no second import of torch)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    said = ctx.Queue()
+    procs = [ctx.Process(target=_fit_rank, args=(r, 2, str(tmp_path / "init"), str(tmp_path / "run"), (1, 3), said))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    hung = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not hung, "a rank was still waiting after 60 s"
+    lines = dict(said.get(timeout=5) for _ in range(2))
+    assert lines[0].startswith("loss is NaN or infinite in 1 of 2 processes at epoch 1, step 3:"), lines
+    assert lines[1] == lines[0]  # the same step, the same words, on both ranks
+    assert not (tmp_path / "run" / "checkpoints" / "last.safetensors").exists()
 
 
 @pytest.mark.slow

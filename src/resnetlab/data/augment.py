@@ -20,14 +20,21 @@ def _rand(n: int, generator: torch.Generator | None, device) -> torch.Tensor:
     return torch.rand(n, generator=generator, device=src).to(device, non_blocking=True)
 
 
+def crop_offsets(n: int, pad: int, generator: torch.Generator | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image crop offsets ``(dy, dx)`` in ``[0, 2 * pad]`` (int64, on ``device``), as :func:`random_crop` draws
+    them."""
+    dy = (_rand(n, generator, device) * (2 * pad + 1)).long().clamp_(max=2 * pad)
+    dx = (_rand(n, generator, device) * (2 * pad + 1)).long().clamp_(max=2 * pad)
+    return dy, dx
+
+
 def random_crop(x: torch.Tensor, pad: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Pad by ``pad`` pixels (reflect) and crop back to the input size at a random offset per image."""
     if pad <= 0:
         return x
     n, c, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dy = (_rand(n, generator, x.device) * (2 * pad + 1)).long().clamp_(max=2 * pad)
-    dx = (_rand(n, generator, x.device) * (2 * pad + 1)).long().clamp_(max=2 * pad)
+    dy, dx = crop_offsets(n, pad, generator, x.device)
     rows = (torch.arange(h, device=x.device)[None, :] + dy[:, None])  # (N, H)
     cols = (torch.arange(w, device=x.device)[None, :] + dx[:, None])  # (N, W)
     batch = torch.arange(n, device=x.device)[:, None, None]
@@ -35,10 +42,44 @@ def random_crop(x: torch.Tensor, pad: int, generator: torch.Generator | None = N
     return out.permute(0, 3, 1, 2).contiguous(memory_format=torch.contiguous_format)
 
 
+def flip_mask(n: int, generator: torch.Generator | None, device, p: float = 0.5) -> torch.Tensor:
+    """Which of ``n`` images to mirror (bool, on ``device``), as :func:`random_flip` draws it."""
+    return _rand(n, generator, device) < p
+
+
 def random_flip(x: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.5) -> torch.Tensor:
     """Horizontal flip of each image with probability ``p``."""
-    mask = (_rand(x.shape[0], generator, x.device) < p).view(-1, 1, 1, 1)
+    mask = flip_mask(x.shape[0], generator, x.device, p).view(-1, 1, 1, 1)
     return torch.where(mask, x.flip(-1), x)
+
+
+def crop_flip_nhwc(x: torch.Tensor, pad: int, offsets: tuple[torch.Tensor, torch.Tensor] | None,
+                   flip: torch.Tensor | None) -> torch.Tensor:
+    """:func:`random_crop` (reflect padding, ``offsets`` from :func:`crop_offsets`) then a mirror of the images in
+    ``flip``, as one gather of ``x`` ``(N, C, H, W)`` in any dtype (uint8: a quarter of the bytes of float32) into
+    ``(N, H, W, C)``: no padded copy, no float passes, and channels-last for free.
+
+    Reflect padding is index arithmetic here: row ``i - pad`` of the padded image is row ``|i - pad|`` of the
+    image, folded back at the far edge, exactly what ``F.pad(mode="reflect")`` stores (``pad`` < the image side).
+    """
+    n, _, h, w = x.shape
+    dev = x.device
+    rows = torch.arange(h, device=dev).expand(n, h)
+    cols = torch.arange(w, device=dev).expand(n, w)
+    if offsets is not None and pad > 0:
+        dy, dx = offsets
+        rows = _reflect(rows + dy[:, None] - pad, h)
+        cols = _reflect(cols + dx[:, None] - pad, w)
+    if flip is not None:
+        cols = torch.where(flip[:, None], cols.flip(1), cols)  # mirrored after the crop: column j reads w - 1 - j
+    batch = torch.arange(n, device=dev)[:, None, None]
+    return x.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
+
+
+def _reflect(i: torch.Tensor, size: int) -> torch.Tensor:
+    """Index ``i`` in ``[-(size - 1), 2 * (size - 1)]`` reflected into ``[0, size)`` without repeating the edge."""
+    i = i.abs()
+    return torch.where(i > size - 1, 2 * (size - 1) - i, i)
 
 
 def _hash_bits(index: torch.Tensor, seed: int) -> torch.Tensor:
@@ -58,8 +99,13 @@ def alternating_flip(x: torch.Tensor, index: torch.Tensor, epoch: int, seed: int
     epochs if not: a random half of the data is mirrored in each epoch, as with random flips, but over any two
     consecutive epochs every image is seen both ways, never twice the same way.
     """
-    mask = _hash_bits(index.to(x.device), seed) ^ bool(epoch % 2)
+    mask = alternating_mask(index, epoch, seed, x.device)
     return torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def alternating_mask(index: torch.Tensor, epoch: int, seed: int, device) -> torch.Tensor:
+    """Which images :func:`alternating_flip` mirrors in ``epoch`` (bool, on ``device``)."""
+    return _hash_bits(index.to(device), seed) ^ bool(epoch % 2)
 
 
 def random_resized_crop(x: torch.Tensor, size: tuple[int, int], scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3),

@@ -8,7 +8,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resnetlab.data.augment import alternating_flip, cutout, mix, random_crop, random_flip, random_resized_crop
+from resnetlab.data.augment import (
+    alternating_flip,
+    alternating_mask,
+    crop_flip_nhwc,
+    crop_offsets,
+    cutout,
+    flip_mask,
+    mix,
+    random_crop,
+    random_flip,
+    random_resized_crop,
+)
 from resnetlab.data.pipeline_base import Pipeline, register_pipeline
 
 FLIP_MODES = ("random", "alternate")
@@ -73,6 +84,16 @@ class ImagePipeline(Pipeline):
         self._mean_t = torch.tensor(self.mean).view(1, -1, 1, 1)
         self._std_t = torch.tensor(self.std).view(1, -1, 1, 1)
         self.train_size = self.size  # smaller while progressive resizing runs (set_train_scale); not saved
+        # training batches' dtype and layout (set_output; not saved): float32 NCHW unless the trainer asks
+        self.out_dtype, self.out_channels_last = torch.float32, False
+        self._scale_t = (1.0 / (255.0 * torch.tensor(self.std)))  # x * scale + shift == (x / 255 - mean) / std
+        self._shift_t = -torch.tensor(self.mean) / torch.tensor(self.std)
+
+    def set_output(self, dtype: torch.dtype | None, channels_last: bool) -> None:
+        """Write training batches in ``dtype`` (the autocast dtype; ``None``: float32) and, with
+        ``channels_last``, in that layout: the model's first layer then reads them as they are, with no cast or
+        layout pass over the batch (the uint8 crop/flip path writes them directly)."""
+        self.out_dtype, self.out_channels_last = dtype or torch.float32, bool(channels_last)
 
     def set_train_scale(self, scale: float, min_side: int = 8) -> None:
         """Training batches at ``scale`` of the full size, rounded to a multiple of 4 pixels (few distinct shapes,
@@ -85,6 +106,7 @@ class ImagePipeline(Pipeline):
 
     def to(self, device) -> ImagePipeline:
         self._mean_t, self._std_t = self._mean_t.to(device), self._std_t.to(device)
+        self._scale_t, self._shift_t = self._scale_t.to(device), self._shift_t.to(device)
         return self
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,6 +117,8 @@ class ImagePipeline(Pipeline):
         return ImageEvalTransform(self.mean, self.std).to(self._mean_t.device)
 
     def __call__(self, x, y, train, generator=None, index=None, epoch=0):
+        if train and self._direct(x):
+            return self._crop_flip_direct(x, generator, index, epoch), y
         x = x.float().div_(255)
         if train:
             if self.rrc:  # straight to the training size: one resampling
@@ -113,6 +137,28 @@ class ImagePipeline(Pipeline):
         if train and y is not None and (self.mixup or self.cutmix):
             x, y = mix(x, y, self.num_classes, self.mixup, self.cutmix)
         return x, y
+
+    def _direct(self, x: torch.Tensor) -> bool:
+        """Whether the training batch takes the direct path: uint8 images, at most a padded crop and a flip."""
+        return (x.dtype == torch.uint8 and x.dim() == 4 and not self.rrc and not self.cutout and not self.mixup
+                and not self.cutmix and self.train_size == self.size and self.crop_pad < min(self.size))
+
+    def _crop_flip_direct(self, x: torch.Tensor, generator, index, epoch: int) -> torch.Tensor:
+        """The crop and flip as one uint8 gather into channels-last, then one pass that normalises and writes
+        ``out_dtype``: two passes over the batch, against about eight float32 passes and a layout change on the
+        general path. Same random draws in the same order, so the same images (to float32 rounding)."""
+        n, dev = x.shape[0], x.device
+        offsets = crop_offsets(n, self.crop_pad, generator, dev) if self.crop_pad else None
+        flip = None
+        if self.flip and self.flip_mode == "alternate" and index is not None:
+            flip = alternating_mask(index, epoch, self.flip_seed, dev)
+        elif self.flip:
+            flip = flip_mask(n, generator, dev)
+        nhwc = crop_flip_nhwc(x, self.crop_pad, offsets, flip)
+        out = torch.empty(nhwc.shape, dtype=self.out_dtype, device=dev)
+        torch.addcmul(self._shift_t, nhwc, self._scale_t, out=out)  # computed in float32, stored as out_dtype
+        out = out.permute(0, 3, 1, 2)  # NCHW indexing over channels-last memory
+        return out if self.out_channels_last else out.contiguous()
 
     def input_size(self) -> tuple[int, ...]:
         return (self.channels, *self.size)

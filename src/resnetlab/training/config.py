@@ -119,8 +119,9 @@ class TrainConfig:
                                             "(default: 5e-4 SGD and muon's SGD part, 0.05 AdamW; none on Muon's "
                                             "fixed-norm filters)", check=NON_NEGATIVE)
     schedule: str = _opt("linear", "learning-rate schedule after warm-up: linear (decays linearly to 0, as in "
-                                   "airbench and the Hugging Face Trainer), cosine (to 0), constant; onecycle is an "
-                                   "old name of linear", ("linear", "cosine", "constant"),
+                                   "airbench and the Hugging Face Trainer), cosine (to 0), constant, step (divided by "
+                                   "10 at half and at three quarters of the steps: He et al. 2015's CIFAR schedule, "
+                                   "32k and 48k of 64k); onecycle is an old name of linear", ("linear", "cosine", "constant", "step"),
                          aliases={"onecycle": "linear"})
     warmup_epochs: float = _opt(1.0, "linear warm-up, in epochs (fractions allowed; at most a quarter of the run)",
                                 check=NON_NEGATIVE)

@@ -168,8 +168,9 @@ def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> 
 def broadcast_buffers(module: nn.Module) -> None:
     """Rank 0's buffers (BatchNorm running statistics) on every rank.
 
-    DDP broadcasts buffers at the start of each forward, so after an epoch's last step every rank holds rank 0's
-    statistics updated with its own last batch; this makes them equal again before validating and saving.
+    DDP is built with ``broadcast_buffers=False`` (``wrap_ddp``): each rank's running statistics follow its own
+    batches during an epoch (training normalises with batch statistics, so the gradients do not depend on them),
+    and this makes them rank 0's again before validating and saving.
     """
     if not is_enabled():
         return
@@ -195,4 +196,6 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     """
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # no buffer broadcast before every forward (a collective per step): broadcast_buffers() syncs them per epoch
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)

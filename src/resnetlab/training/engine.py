@@ -111,6 +111,8 @@ class Trainer:
         if cfg.sync_bn:  # before the EMA copy, the optimizer and DDP; a no-op in a single process
             self.model = distributed.convert_sync_batchnorm(self.model, prec.device)
         self.pipeline = pipeline.to(prec.device)
+        if hasattr(self.pipeline, "set_output"):  # training batches straight in the autocast dtype and layout
+            self.pipeline.set_output(prec.dtype, prec.channels_last)
         self._per_sample = _takes_sample_index(self.pipeline)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.cfg = cfg
@@ -149,6 +151,7 @@ class Trainer:
         self.forward_model = torch.compile(self.model, dynamic=False) if cfg.compile else self.model
         self._compiled_shapes: set[tuple] = set()
         self._compile_s = 0.0  # seconds of steps that compiled (a new input shape): not charged to a time budget
+        self._compile_s_recorded = 0.0  # of which in earlier epochs' records
         self._accum = (0, 1)  # (index in its accumulation group, group size) of the next train_step's batch
         self._saved_step = 0  # self.step at the latest save of checkpoints/last (for checkpoint_every)
         self._last_saved: str | None = None  # where that checkpoint stands, for the divergence message
@@ -813,6 +816,9 @@ class Trainer:
         """``seen`` samples in the epoch, of which ``timed`` in ``seconds`` (fewer after a mid-epoch resume)."""
         record = {"epoch": self.epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
                   "lr": lr, "seconds": round(seconds, 3), "samples_per_s": round(timed / max(seconds, 1e-9), 1)}
+        if self._compile_s > self._compile_s_recorded:  # --compile: of ``seconds``, the steps that compiled
+            record["compile_seconds"] = round(self._compile_s - self._compile_s_recorded, 3)
+            self._compile_s_recorded = self._compile_s
         if self.batch_in_epoch < self.steps_per_epoch:  # an epoch cut short by the time budget
             record["batches"] = self.batch_in_epoch
         if not self.distributed:

@@ -203,7 +203,8 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, schedule: str, time_fr
     """Learning-rate factor in [0, 1] at ``step`` (0-based): linear warm-up, then the schedule.
 
     ``cosine`` decays to 0 by the last step; ``linear`` decays linearly to 0 (the shape that trains
-    fastest in short budgets, as in airbench; the Hugging Face Trainer's ``linear``); ``constant`` stays at 1.
+    fastest in short budgets, as in airbench; the Hugging Face Trainer's ``linear``); ``constant`` stays at 1;
+    ``step`` divides by 10 at half and at three quarters of the steps (He et al. 2015).
     (The config reads ``onecycle``, this schedule's old name, as ``linear``.) ``time_fraction`` (a time budget's
     share spent since the warm-up, in [0, 1]) moves the decay on when time runs out before the steps do.
     """
@@ -217,7 +218,12 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, schedule: str, time_fr
         return 0.5 * (1 + math.cos(math.pi * t))
     if schedule == "linear":
         return max(1.0 - t, 0.0)
-    raise ValueError(f"unknown schedule {schedule!r}; allowed: linear, cosine, constant")
+    if schedule == "step":  # He et al. 2015 (CIFAR): lr / 10 at 32k and again at 48k of 64k iterations
+        return 0.1 ** ((t >= STEP_MILESTONES[0]) + (t >= STEP_MILESTONES[1]))
+    raise ValueError(f"unknown schedule {schedule!r}; allowed: linear, cosine, constant, step")
+
+
+STEP_MILESTONES = (0.5, 0.75)  # the step schedule's drops, as shares of the steps after the warm-up
 
 
 def set_lr(opt: torch.optim.Optimizer, base_lr: float, factor: float) -> float:
