@@ -121,8 +121,8 @@ class TrainConfig:
     schedule: str = _opt("linear", "learning-rate schedule after warm-up: linear (decays linearly to 0, as in "
                                    "airbench and the Hugging Face Trainer), cosine (to 0), constant, step (divided by "
                                    "10 at half and at three quarters of the steps: He et al. 2015's CIFAR schedule, "
-                                   "32k and 48k of 64k); onecycle is an old name of linear", ("linear", "cosine", "constant", "step"),
-                         aliases={"onecycle": "linear"})
+                                   "32k and 48k of 64k); onecycle is an old name of linear",
+                         ("linear", "cosine", "constant", "step"), aliases={"onecycle": "linear"})
     warmup_epochs: float = _opt(1.0, "linear warm-up, in epochs (fractions allowed; at most a quarter of the run)",
                                 check=NON_NEGATIVE)
     label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy", check=FRACTION)
