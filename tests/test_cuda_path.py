@@ -197,22 +197,15 @@ def test_grad_scaler_state_is_saved_and_restored(tmp_path, monkeypatch):
 
 
 def _tiny_trainer(tmp_path: Path, log=_quiet, **cfg):
-    """The BatchNorm-free tiny fit of tests/tiny_fit.py as a Trainer (48 samples, batch 4: 12 steps an epoch)."""
+    """tests/tiny_fit.py's Trainer (a BatchNorm-free model; 48 samples, batch 4: 12 steps an epoch) in tmp_path/run."""
     import tiny_fit
-    from resnetlab.data.loader import ArrayLoader
-    from resnetlab.training.config import TrainConfig, make_config
-    from resnetlab.training.engine import Trainer
-    from resnetlab.training.precision import pick_precision
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(48, 1, 4, 4), dtype=np.uint8)
     y = rng.integers(0, 3, size=48)
-    options = {"batch_size": 4, "epochs": 2, "lr": 0.1, "weight_decay": 1e-3, "warmup_epochs": 0.0,
-               "label_smoothing": 0.0, "grad_norm_every": 0, "quiet": True, "out": str(tmp_path / "run"), **cfg}
-    loader = ArrayLoader(x, y, 4, shuffle=True, drop_last=True, seed=0)
-    prec = pick_precision(torch.device("cpu"), "fp32", False)
-    return Trainer(tiny_fit.tiny_model(), tiny_fit.Identity(), loader, None, make_config(TrainConfig, options),
-                   tmp_path / "run", {}, prec, log=log)
+    trainer = tiny_fit.trainer(tmp_path / "run", x, y, 4, **{"epochs": 2, "lr": 0.1, "weight_decay": 1e-3, **cfg})
+    trainer.log = log
+    return trainer
 
 
 def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
