@@ -409,7 +409,7 @@ def test_optimizer_is_fused_on_cpu_and_makes_the_same_update(name):
 def test_time_budget_ends_the_schedule_and_the_run_when_it_runs_out(tmp_path, tiny_data, monkeypatch):
     from resnetlab.training import engine
 
-    monkeypatch.setattr(engine, "time", FakeClock(0.5))
+    monkeypatch.setattr(engine, "time", FakeClock(0.6))  # (ticks per clock read: the budget ends near an epoch)
     opts = tiny_options(tmp_path, epochs=None, time_budget=0.2)  # 12 s of fake time; no --epochs: the budget ends it
     result = resnetlab.train(str(tiny_data), log=_quiet, **opts)
     records = _metrics(result.run_dir)
@@ -429,7 +429,7 @@ def test_time_budget_ends_the_schedule_and_the_run_when_it_runs_out(tmp_path, ti
 def test_ctrl_c_while_validating_the_cut_epoch_then_resume_validates_it(tmp_path, tiny_data, monkeypatch):
     from resnetlab.training import engine
 
-    monkeypatch.setattr(engine, "time", FakeClock(0.5))
+    monkeypatch.setattr(engine, "time", FakeClock(0.45))  # (the budget runs out inside an epoch)
     original = Trainer.validate
 
     def validate(self, model):
