@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import subprocess
 import sys
 
@@ -218,3 +219,38 @@ def test_python_m_resnetlab_help_lists_the_subcommands():
     for cmd in ("models", "train", "evaluate", "predict", "demo"):
         assert cmd in proc.stdout
     assert "examples:" in proc.stdout
+
+
+# --- the flag names of timm's train.py and torchvision's reference scripts ------------------------------------
+
+
+def test_familiar_flag_aliases_parse_as_the_long_options():
+    from resnetlab.cli import _parser
+
+    familiar = ["--model", "resnet18", "-b", "32", "-j", "3", "--opt", "adamw", "--sched", "cosine", "--output",
+                "runs/o", "--clip-grad", "1.5", "--smoothing", "0.2", "--model-ema-decay", "0.99"]
+    ours = ["--arch", "resnet18", "--batch-size", "32", "--workers", "3", "--optimizer", "adamw", "--schedule",
+            "cosine", "--out", "runs/o", "--grad-clip", "1.5", "--label-smoothing", "0.2", "--ema", "0.99"]
+    for command in ("train", "finetune"):
+        a, b = _parser().parse_args([command, *familiar]), _parser().parse_args([command, *ours])
+        assert vars(a) == vars(b) and (a.arch, a.batch_size, a.workers) == ("resnet18", "32", "3")  # coerced later
+    assert _parser().parse_args(["train", "--sched", "onecycle"]).schedule == "onecycle"  # the old name still reads
+    assert _parser().parse_args(["train", "--resume"]).resume is True  # still a bare switch (with --out)
+    assert _parser().parse_args(["train", "--resume", "runs/x"]).resume == "runs/x"
+
+
+def test_resume_takes_the_run_dir_or_its_last_checkpoint(capsys, tmp_path, trained_run):
+    from resnetlab.api import resume_target
+
+    run = tmp_path / "run"
+    for given in (run, run / "checkpoints" / "last.safetensors"):
+        options = {"resume": str(given)}
+        resume_target(options)
+        assert options == {"resume": True, "out": str(run)}
+    with pytest.raises(ValueError, match="finetune --pretrained"):  # best has no optimizer state to continue
+        resume_target({"resume": str(run / "checkpoints" / "best.safetensors")})
+    with pytest.raises(ValueError, match="name different runs"):
+        resume_target({"resume": str(run), "out": str(tmp_path / "other")})
+    shutil.copytree(trained_run[0].run_dir, run)  # a finished run: the resumed one only re-reads and reports
+    code, out, err = run_cli(capsys, "train", "--resume", run / "checkpoints" / "last.safetensors", "--device", "cpu")
+    assert code == 0 and "resumed from" in out + err, out + err

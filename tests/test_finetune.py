@@ -502,6 +502,19 @@ def test_lr_find_suggests_a_rate_within_3x_of_the_best_fixed_rate(tmp_path, scal
         final_loss[float(lr)] = t.history[-1]["train_loss"]
     best = min(final_loss, key=final_loss.get)
     assert best / 3 <= res.suggestion <= best * 3, (res.suggestion, best, final_loss)
+    # fastai's valley, measured 2.9x below the best rate at scale 1 and 2.1x above it at scale 10
+    assert best / 4 <= res.valley <= best * 4, (res.valley, best, final_loss)
+
+
+def test_valley_sits_early_in_the_longest_descent():
+    """fastai's valley on a made-up range test of 80 steps: flat for 20, falling for 40, then blowing up. fastai
+    drops the first 8 and the last 5 points; the longest decreasing run is then the last flat point and the 40
+    falling ones (trimmed indices 11..51), whose start fastai counts as 51 - 41 = 10; the suggestion is
+    10 + int(41 / 3) + int(41 / 6) = 29, i.e. step 37: a third of the way down the fall, well before its end."""
+    from resnetlab.training.lr_find import valley
+
+    losses = [2.0] * 20 + list(np.linspace(1.9, 0.5, 40)) + list(np.linspace(0.6, 8.0, 20))
+    assert valley(losses) == 37
 
 
 def test_cli_lr_find_from_a_pretrained_checkpoint(tmp_path, pretrained, rgb4, capsys):

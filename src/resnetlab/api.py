@@ -299,6 +299,25 @@ def model_meta(cfg: TrainConfig, prepared: PreparedData, in_chans: int, override
             "code_version": code_version()}
 
 
+def resume_target(options: dict) -> None:
+    """``resume=RUN_DIR`` or ``resume=RUN_DIR/checkpoints/last.safetensors`` (``--resume PATH``) becomes
+    ``resume=True, out=RUN_DIR``, in place; ``resume=True`` (the run in ``out``) and ``False`` stay."""
+    target = options.get("resume")
+    if target is None or isinstance(target, bool):
+        return
+    path = Path(target)
+    if path.is_file() or path.suffix == ".safetensors":
+        # only last holds the optimizer state, RNG states and position a run continues from
+        if path.parent.name != "checkpoints" or not path.name.startswith("last"):
+            raise ValueError(f"--resume {target}: a run continues from its checkpoints/last.safetensors; to start a "
+                             f"new run from these weights: resnetlab finetune --pretrained {target}")
+        path = path.parent.parent
+    out = options.get("out")
+    if out and Path(out).resolve() != path.resolve():
+        raise ValueError(f"--resume {target} and --out {out} name different runs")
+    options.update(resume=True, out=str(path))
+
+
 def resumed_config(cls, cfg, options: dict):
     """The saved config of the run in ``cfg.out`` (the same schedule), with only quiet/device/log/log_every
     overridable."""
@@ -322,7 +341,8 @@ def train(data: str | None = None, *, config: str | Path | dict | TrainConfig | 
     """Train a ResNet from scratch on ``data``; every option of ``resnetlab train`` is a keyword here.
 
     Returns a :class:`TrainResult` with the run directory, the best validation accuracy and the report path.
-    ``resume=True`` with ``out=RUN_DIR`` continues that run's schedule from its last checkpoint.
+    ``resume=True`` with ``out=RUN_DIR`` (or ``resume=RUN_DIR``, or its ``checkpoints/last.safetensors``)
+    continues that run's schedule from its last checkpoint.
     ``callbacks``: an object or a list of objects with ``on_step_end(step, values)`` (called every ``log_every``
     steps with loss, lr, samples_per_s, epoch and grad_norm when computed) and/or ``on_epoch_end(epoch, metrics)``
     (each epoch's record, as in metrics.jsonl, plus ``step``); a plain callable is called as ``on_epoch_end``.
@@ -330,6 +350,7 @@ def train(data: str | None = None, *, config: str | Path | dict | TrainConfig | 
     callbacks = as_callbacks(callbacks)
     if data is not None:
         options["data"] = data
+    resume_target(options)
     cfg = build_config(config, **options)
     if cfg.arch is not None:
         get_spec(cfg.arch)  # an unknown name fails before any data is read
@@ -507,6 +528,7 @@ def finetune(data: str | None = None, *, pretrained: str | None = None, config=N
     from resnetlab.training.config import FinetuneConfig
     from resnetlab.training.finetune import make_phases
 
+    resume_target(options)
     cfg = _finetune_config(data, pretrained, config, options)
     log = distributed.main_only(log or _log_to(cfg.quiet))  # under torchrun only rank 0 speaks
     if cfg.resume:
@@ -535,7 +557,8 @@ def finetune(data: str | None = None, *, pretrained: str | None = None, config=N
 def lr_find(data: str | None = None, *, pretrained: str | None = None, start_lr: float = 1e-6,
             end_lr: float = 10.0, steps: int = 100, config=None, log=None, **options) -> dict:
     """Learning-rate range test on ``data`` for a fresh (or ``pretrained``) model; writes ``lr_find.png`` and
-    ``lr_find.json`` to ``out`` and returns ``{"suggestion", "steepest", "lrs", "losses", "plot"}``."""
+    ``lr_find.json`` to ``out`` and returns ``{"suggestion", "steepest", "valley", "lrs", "losses", "plot"}``
+    (``valley``: fastai's suggestion, :func:`resnetlab.training.lr_find.valley`)."""
     from resnetlab.report.plots import plot_lr_find
     from resnetlab.training.lr_find import lr_range_test
 
@@ -562,9 +585,9 @@ def lr_find(data: str | None = None, *, pretrained: str | None = None, start_lr:
     trainer = Trainer(model, pipeline, train_loader, None, cfg, out, {}, prec, log=log)
     res = lr_range_test(trainer, start_lr=start_lr, end_lr=end_lr, steps=steps)
     plot = plot_lr_find(res.lrs, res.losses, out / "lr_find.png", suggestion=res.suggestion)
-    result = {"suggestion": res.suggestion, "steepest": res.steepest, "lrs": res.lrs, "losses": res.losses,
-              "plot": str(plot)}
+    result = {"suggestion": res.suggestion, "steepest": res.steepest, "valley": res.valley, "lrs": res.lrs,
+              "losses": res.losses, "plot": str(plot)}
     atomic_write(out / "lr_find.json", json.dumps(result, indent=1))
     log(f"suggested lr {res.suggestion:.3g} (a tenth of the minimum-loss lr; steepest descent at "
-        f"{res.steepest:.3g}); plot: {plot}")
+        f"{res.steepest:.3g}; fastai's valley at {res.valley:.3g}); plot: {plot}")
     return result

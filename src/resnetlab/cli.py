@@ -16,7 +16,7 @@ EXAMPLES = """examples:
   resnetlab train --data DIR --epochs 10          train from scratch on a folder of class subfolders
   resnetlab train --data DIR --group-by '^([^_]+)_'   validation by whole groups (the name before the first _)
   resnetlab train --config run.yaml --lr 0.05     a YAML config, one value overridden
-  resnetlab train --out runs/x --resume           continue an interrupted run
+  resnetlab train --resume runs/x                 continue an interrupted run (or --out runs/x --resume)
   resnetlab evaluate runs/x --data DIR --tta      accuracy, per-class F1, confusion matrix
   resnetlab predict runs/x a.png b.png --top-k 3  top-3 labels per file
   resnetlab finetune --pretrained runs/x/checkpoints/best.safetensors --data DIR --strategy lp-ft

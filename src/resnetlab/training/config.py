@@ -85,10 +85,11 @@ class TrainConfig:
                                  group="data")
     stream: bool | None = _opt(None, "decode files on the fly in DataLoader workers instead of caching (default: "
                                      "only when the decoded data would not fit the cache)", group="data")
-    workers: int = _opt(2, "DataLoader worker processes for --stream", group="data", check=Range(0))
+    workers: int = _opt(2, "DataLoader worker processes for --stream", group="data", check=Range(0),
+                        flags=("--workers", "-j"))
     # model
     arch: str | None = _opt(None, "model name from `resnetlab models` (default: chosen from the data)",
-                            group="model")
+                            group="model", flags=("--arch", "--model"))
     drop_rate: float = _opt(0.0, "dropout before the classifier", group="model", check=FRACTION)
     zero_init_last: bool = _opt(False, "start every residual block as the identity (zero last BN scale; "
                                        "helps deep bottleneck nets, hurts small option-A CIFAR nets)",
@@ -102,10 +103,11 @@ class TrainConfig:
                                    "--epochs, if given, still caps the run; fine-tuning: strategies full and "
                                    "linear-probe only (0: off)",
                               check=NON_NEGATIVE, metavar="MIN")
-    batch_size: int | None = _opt(None, "batch size (default: from the dataset size)", check=AT_LEAST_ONE)
+    batch_size: int | None = _opt(None, "batch size (default: from the dataset size)", check=AT_LEAST_ONE,
+                                  flags=("--batch-size", "-b"))
     optimizer: str = _opt("sgd", "optimizer (muon: Muon for the stages' convolution filters and weight matrices, "
                                  "Nesterov SGD at --lr for the rest: the stem, norms, biases and the head)",
-                          ("sgd", "adamw", "muon"))
+                          ("sgd", "adamw", "muon"), flags=("--optimizer", "--opt"))
     lr: float | None = _opt(None, "peak learning rate (default: images 0.2 x batch/256 SGD, 2e-3 x batch/256 "
                                        "AdamW; audio 0.1 SGD, 2e-3 AdamW; fine-tuning the same, lowered for the "
                                        "pretrained layers by the strategy; muon: the SGD part's, as SGD)",
@@ -122,15 +124,19 @@ class TrainConfig:
                                    "airbench and the Hugging Face Trainer), cosine (to 0), constant, step (divided by "
                                    "10 at half and at three quarters of the steps: He et al. 2015's CIFAR schedule, "
                                    "32k and 48k of 64k); onecycle is an old name of linear",
-                         ("linear", "cosine", "constant", "step"), aliases={"onecycle": "linear"})
+                         ("linear", "cosine", "constant", "step"), aliases={"onecycle": "linear"},
+                         flags=("--schedule", "--sched"))
     warmup_epochs: float = _opt(1.0, "linear warm-up, in epochs (fractions allowed; at most a quarter of the run)",
                                 check=NON_NEGATIVE)
-    label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy", check=FRACTION)
+    label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy", check=FRACTION,
+                                  flags=("--label-smoothing", "--smoothing"))
     ema: float = _opt(0.0, "decay of an exponential moving average of the weights, evaluated and saved as best "
-                           "when better (0: off; e.g. 0.999)", check=FRACTION)
+                           "when better (0: off; e.g. 0.999)", check=FRACTION,
+                       flags=("--ema", "--model-ema-decay"))
     lookahead: bool = _opt(False, "lookahead weight averaging (airbench): every 5 steps the weights become a slow "
                                   "average of themselves, weighted more toward the past as the run ends")
-    grad_clip: float = _opt(0.0, "clip the global gradient norm to this value (0: off)", check=NON_NEGATIVE)
+    grad_clip: float = _opt(0.0, "clip the global gradient norm to this value (0: off)", check=NON_NEGATIVE,
+                            flags=("--grad-clip", "--clip-grad"))
     accum_steps: int = _opt(1, "gradient accumulation: one optimizer step every N batches, each batch's loss divided "
                                "by N (effective batch: N x batch_size x processes)", check=AT_LEAST_ONE)
     # augmentation (images)
@@ -186,8 +192,11 @@ class TrainConfig:
                                      "faster for small models on a busy machine)", group="engine", check=Range(1))
     deterministic: bool = _opt(False, "deterministic algorithms (slower; bitwise-reproducible on CPU)",
                                group="engine")
-    out: str | None = _opt(None, "run directory (default: runs/<date>-<arch>)", group="engine")
-    resume: bool = _opt(False, "continue the run in --out from its last checkpoint", group="engine")
+    out: str | None = _opt(None, "run directory (default: runs/<date>-<arch>)", group="engine",
+                           flags=("--out", "--output"))
+    resume: bool = _opt(False, "continue a run from its last checkpoint: the run in --out, or --resume RUN_DIR, or "
+                               "--resume RUN_DIR/checkpoints/last.safetensors (to start from another checkpoint's "
+                               "weights: finetune --pretrained FILE)", group="engine", metavar="RUN_DIR|CHECKPOINT")
     checkpoint_every: int = _opt(0, "also save checkpoints/last every N batches, so a killed run loses little "
                                     "(0: at the end of each epoch only)", group="engine", check=NON_NEGATIVE)
     save_at_end: bool = _opt(False, "save checkpoints/last when the run ends (and on SIGTERM, Ctrl-C, "
@@ -421,6 +430,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, skip:
         if default is not None and default != "":
             help_text += f" [default: {default}]"
         kwargs = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
+        if f.name == "resume":  # a switch (the run in --out) that may also name the run or its last checkpoint
+            groups[group].add_argument(*opts, nargs="?", const=True, metavar=f.metadata["metavar"], **kwargs)
+            continue
         if base is bool:
             groups[group].add_argument(*opts, action=argparse.BooleanOptionalAction, **kwargs)
             continue

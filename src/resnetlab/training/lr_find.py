@@ -15,6 +15,7 @@ class LRFindResult:
     losses: list[float]  # exponentially smoothed, bias-corrected
     suggestion: float  # a tenth of the lr at the minimum loss: safely before the loss blows up
     steepest: float  # where the smoothed loss falls fastest
+    valley: float  # fastai's "valley" suggestion (its default since fastai 2.4): see valley()
 
 
 def lr_range_test(trainer: Trainer, *, start_lr: float = 1e-6, end_lr: float = 10.0, steps: int = 100,
@@ -61,4 +62,27 @@ def lr_range_test(trainer: Trainer, *, start_lr: float = 1e-6, end_lr: float = 1
     i_min = min(range(len(losses)), key=losses.__getitem__)
     slopes = [(losses[i + 1] - losses[i - 1]) for i in range(1, max(i_min, 2))]
     i_steep = 1 + min(range(len(slopes)), key=slopes.__getitem__) if slopes else 0
-    return LRFindResult(lrs, losses, lrs[i_min] / 10, lrs[i_steep])
+    return LRFindResult(lrs, losses, lrs[i_min] / 10, lrs[i_steep], lrs[valley(losses)])
+
+
+def valley(losses: list[float]) -> int:
+    """Index of fastai's "valley" suggestion in a range test's smoothed ``losses`` (fastai's ``valley``): the
+    longest decreasing subsequence of the losses marks the valley, from its start to its end, and the suggestion
+    sits at half of its first two thirds (index start + s + s // 2 with s a third of the valley's length), where the
+    loss is still falling steeply, well before its minimum. As fastai, the first tenth and the last 5 points (the
+    flat start, the blow-up) are left out when there are enough of them."""
+    lo, hi = len(losses) // 10, len(losses) - 5
+    if hi - lo < 3:
+        lo, hi = 0, len(losses)
+    xs = losses[lo:hi]
+    run = [1] * len(xs)  # run[i]: the longest decreasing subsequence ending at i
+    start = end = 0
+    for i in range(1, len(xs)):
+        for j in range(i):
+            if xs[i] < xs[j] and run[i] < run[j] + 1:
+                run[i] = run[j] + 1
+            if run[end] < run[i]:
+                end = i
+                start = end - run[end]
+    third = (end - start) / 3
+    return lo + start + int(third) + int(third / 2)
