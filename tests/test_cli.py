@@ -236,6 +236,7 @@ def test_familiar_flag_aliases_parse_as_the_long_options():
         assert vars(a) == vars(b) and (a.arch, a.batch_size, a.workers) == ("resnet18", "32", "3")  # coerced later
     assert _parser().parse_args(["train", "--sched", "onecycle"]).schedule == "onecycle"  # the old name still reads
     assert _parser().parse_args(["train", "--resume"]).resume is True  # still a bare switch (with --out)
+    assert _parser().parse_args(["train", "--no-resume"]).resume is False
     assert _parser().parse_args(["train", "--resume", "runs/x"]).resume == "runs/x"
 
 

@@ -432,6 +432,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, skip:
         kwargs = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
         if f.name == "resume":  # a switch (the run in --out) that may also name the run or its last checkpoint
             groups[group].add_argument(*opts, nargs="?", const=True, metavar=f.metadata["metavar"], **kwargs)
+            groups[group].add_argument("--no-resume", action="store_const", const=False, dest=f.name,
+                                       default=argparse.SUPPRESS, help="start afresh (the default)")
             continue
         if base is bool:
             groups[group].add_argument(*opts, action=argparse.BooleanOptionalAction, **kwargs)
