@@ -601,6 +601,9 @@ def test_cuda_export_and_predict(tmp_path):
     assert got[0]["top_k"][0]["label"] == cpu[0]["top_k"][0]["label"]
     exported = export_model(run, "torchscript", tmp_path / "m.pt")
     assert exported.path.is_file()
+    bf16 = Predictor.load(run, backend="bf16", device="cuda")  # channels-last input into channels-last weights
+    assert bf16._runner.net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert "top_k" in bf16.predict_files([image])[0]  # (bf16 may reorder close scores of a random model)
 
 
 @pytest.mark.gpu

@@ -168,7 +168,9 @@ class Predictor:
                 return _TorchRunner(module, net, torch.bfloat16, channels_last, None)
             from resnetlab.training.precision import pick_precision
 
-            return _TorchRunner(module, self.model, None, channels_last, pick_precision(self.device, "auto"))
+            # channels-last weights for the channels-last input (else cuDNN converts them at every convolution)
+            net = copy.deepcopy(self.model).to(memory_format=torch.channels_last) if channels_last else self.model
+            return _TorchRunner(module, net, None, channels_last, pick_precision(self.device, "auto"))
         net = self.model
         if channels_last and self.device.type == "cpu":
             net = copy.deepcopy(self.model).to(memory_format=torch.channels_last)
