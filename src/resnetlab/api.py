@@ -22,7 +22,14 @@ import torch
 from resnetlab.data.errors import DataError
 from resnetlab.data.loader import ArrayLoader
 from resnetlab.data.pipeline import Pipeline
-from resnetlab.data.prepare import PreparedData, channel_stats, decoder_for, prepare_data, prepare_held_out
+from resnetlab.data.prepare import (
+    PreparedData,
+    channel_stats,
+    check_crop_pct,
+    decoder_for,
+    prepare_data,
+    prepare_held_out,
+)
 from resnetlab.data.splits import overlap, read_splits, splits_record, write_splits
 from resnetlab.fileio import atomic_write
 from resnetlab.models import create_model, get_spec
@@ -372,7 +379,7 @@ def train(data: str | None = None, *, config: str | Path | dict | TrainConfig | 
 
 def evaluate(run_or_checkpoint: str | Path, data: str, *, tta: bool | str = False, batch_size: int = 256,
              device: str = "auto", out: str | Path | None = None, cache_dir: str | None = None,
-             strict_data: bool = False, log=print) -> dict:
+             strict_data: bool = False, crop_pct: float | None = None, log=print) -> dict:
     """Top-1/top-5 accuracy, per-class precision/recall/F1 and a confusion matrix of a trained model on ``data``.
 
     Uses the test split of ``data`` when it has one (``test/``, CSV ``test`` rows), else its validation split
@@ -381,15 +388,19 @@ def evaluate(run_or_checkpoint: str | Path, data: str, *, tta: bool | str = Fals
     trained or validated on some of these files, a one-line warning goes to stderr and ``eval.json`` counts them
     (``"overlap"``).
     ``tta``: ``"flip"`` (or ``True``) or ``"flip-shift"`` test-time augmentation (``predict_loader``).
+    ``crop_pct``: images are scaled to cover ``size / crop_pct`` and center-cropped (timm's and torchvision's
+    0.875 for ImageNet weights); default 1, the whole image as the run was trained on.
     """
     from resnetlab.report.run_report import evaluation_summary, write_eval_plots
 
     tta = tta_mode(tta) or False  # a bad name fails before anything is read
+    check_crop_pct(crop_pct)
 
     model, pipeline, meta = load_model(run_or_checkpoint, device=device)
     dev = next(model.parameters()).device
     pc = meta["pipeline"]
-    facts = ({"img_size": tuple(pc["size"]), "channels": pc["channels"]} if pc["modality"] == "image" else
+    facts = ({"img_size": tuple(pc["size"]), "channels": pc["channels"], "crop_pct": crop_pct}
+             if pc["modality"] == "image" else
              {"sample_rate": pc["sample_rate"], "num_samples": pc["num_samples"],
               "duration": pc["num_samples"] / pc["sample_rate"]})
     spec, split, arrays = prepare_held_out(data, modality=pc["modality"], modality_facts=facts,
@@ -436,7 +447,7 @@ def _training_overlap(run_dir: Path, files: list[str], data_root: str) -> dict |
 
 
 def predict(run_or_checkpoint: str | Path, inputs, *, top_k: int = 5, batch_size: int = 64,
-            device: str = "auto", backend: str | None = None) -> list[dict]:
+            device: str = "auto", backend: str | None = None, crop_pct: float | None = None) -> list[dict]:
     """Top-k labels for each input file (or every known file inside input folders).
 
     Returns a list of ``{"file": path, "top_k": [{"label": str, "prob": float}, ...]}``; an unreadable file
@@ -444,6 +455,7 @@ def predict(run_or_checkpoint: str | Path, inputs, *, top_k: int = 5, batch_size
     ``backend``: ``None`` runs the model as trained (its precision, PyTorch); ``"auto"``, ``"onnxruntime"``,
     ``"bf16"`` or ``"eager"`` go through :class:`~resnetlab.deploy.predictor.Predictor` (``auto``: ONNX Runtime
     on CPUs when installed, the fastest here; the first call exports and caches the model).
+    ``crop_pct``: as in :func:`evaluate` (images only).
     """
     from resnetlab.data.layout import list_input_files
 
@@ -453,12 +465,14 @@ def predict(run_or_checkpoint: str | Path, inputs, *, top_k: int = 5, batch_size
         from resnetlab.deploy.predictor import Predictor
 
         predictor = Predictor.load(run_or_checkpoint, backend=backend, device=device)
+        if crop_pct:
+            predictor.decode_file = decoder_for(predictor.pipeline_cfg, crop_pct)[0]
         return predictor.predict_files([str(p) for p in inputs], top_k=top_k, batch_size=batch_size)
     files = list_input_files([str(p) for p in inputs], keep_unknown=True)
     if not files:
         raise DataError(f"no image or audio files in {', '.join(map(str, inputs))}")
     model, pipeline, meta = load_model(run_or_checkpoint, device=device)
-    decode, _, _ = decoder_for(meta["pipeline"])
+    decode, _, _ = decoder_for(meta["pipeline"], crop_pct)
     dev = next(model.parameters()).device
     prec = inference_precision(dev, meta, getattr(model, "ndim", 2), channels_last=False)
 

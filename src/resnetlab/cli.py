@@ -32,6 +32,10 @@ class CLIError(Exception):
     """A usage error found after parsing; reported in one line with exit code 2."""
 
 
+CROP_PCT_HELP = ("images: scale to cover size / FRACTION, then center-crop size (timm and torchvision evaluate "
+                 "ImageNet weights at 0.875); default 1: the whole image, as the run was trained on")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resnetlab", description="Build, train and fine-tune ResNets for images and "
                                 "speech.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     e.add_argument("--out", help="folder for eval.json (default: the run directory)")
     e.add_argument("--format", choices=("table", "json"), default="table")
+    e.add_argument("--crop-pct", type=float, metavar="FRACTION", help=CROP_PCT_HELP)
 
     pr = sub.add_parser("predict", help="top-k labels for image or audio files",
                         description="Predict with a trained run (its best checkpoint) or a checkpoint file. "
@@ -94,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR")
     pr.add_argument("--top-k", type=int, default=5)
     pr.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    pr.add_argument("--crop-pct", type=float, metavar="FRACTION", help=CROP_PCT_HELP)
     pr.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     pr.add_argument("--backend", choices=("auto", "eager", "bf16", "onnxruntime"),
                     help="run through the deploy Predictor (auto: ONNX Runtime on CPUs, the fastest for many files; "
@@ -239,7 +245,7 @@ def cmd_evaluate(args) -> int:
 
     tta = "flip-shift" if args.tta_shift else "flip" if args.tta else False
     summary = evaluate(args.run, args.data, tta=tta, batch_size=args.batch_size, device=args.device,
-                       out=args.out, log=_to_stderr)  # stdout holds only the result (parseable with --format json)
+                       out=args.out, crop_pct=args.crop_pct, log=_to_stderr)  # stdout: only the result
     if args.format == "json":
         print(json.dumps({k: v for k, v in summary.items() if k != "confusion_matrix"}, indent=1))
         return 0
@@ -253,7 +259,8 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from resnetlab.api import predict
 
-    results = predict(args.run, args.inputs, top_k=args.top_k, device=args.device, backend=args.backend)
+    results = predict(args.run, args.inputs, top_k=args.top_k, device=args.device, backend=args.backend,
+                      crop_pct=args.crop_pct)
     if args.format == "json":
         print(json.dumps(results, indent=1))
     elif args.format == "csv":

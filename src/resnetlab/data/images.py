@@ -112,16 +112,21 @@ def read_header(path: str | os.PathLike) -> ImageHeader:
     return ImageHeader(fmt, height, width, mode, mode in _GRAY_MODES, alpha)
 
 
-def decode_image(path: str | os.PathLike, size: tuple[int, int] | None = None, channels: int = 3) -> np.ndarray:
+def decode_image(path: str | os.PathLike, size: tuple[int, int] | None = None, channels: int = 3,
+                 crop_pct: float = 1.0) -> np.ndarray:
     """Decode an image file to a uint8 ``(channels, H, W)`` array.
 
     ``size`` is ``(height, width)``; when given and different from the image's, the image is scaled to cover it
-    (antialiased) and center-cropped. ``channels`` is 1 (gray) or 3 (RGB); see the module docstring for the
+    (antialiased) and center-cropped. ``crop_pct`` < 1 scales it to cover ``size / crop_pct`` instead (rounded
+    down), then center-crops ``size``: timm's and torchvision's evaluation crop (``Resize(int(224 / 0.875))`` then
+    ``CenterCrop(224)``). ``channels`` is 1 (gray) or 3 (RGB); see the module docstring for the
     conversions. Raises ``DataError`` naming the file for an empty, non-image, corrupt or truncated file and for
     one larger than ``MAX_PIXELS`` (checked from the header, before decoding).
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
     if size is not None:
         if len(size) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in size):
             raise ValueError(f"size must be (height, width) with positive ints, got {size}")
@@ -137,8 +142,8 @@ def decode_image(path: str | os.PathLike, size: tuple[int, int] | None = None, c
     if x is None:
         x = _decode_pil(path, header)
     x = _to_channels(x, channels)
-    if size is not None and tuple(x.shape[-2:]) != size:
-        x = _cover_crop(x, size)
+    if size is not None and (tuple(x.shape[-2:]) != size or crop_pct < 1):
+        x = _cover_crop(x, size, crop_pct)
     return np.ascontiguousarray(x.numpy())
 
 
@@ -210,10 +215,11 @@ def _to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     return x
 
 
-def _cover_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Scale to the smallest size covering ``size`` (aspect kept, antialiased), then center-crop to it."""
+def _cover_crop(x: torch.Tensor, size: tuple[int, int], crop_pct: float = 1.0) -> torch.Tensor:
+    """Scale to the smallest size covering ``size / crop_pct`` (aspect kept, antialiased), then center-crop
+    ``size``."""
     (th, tw), (h, w) = size, x.shape[-2:]
-    scale = max(th / h, tw / w)
+    scale = max(int(th / crop_pct) / h, int(tw / crop_pct) / w)
     nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
     if (nh, nw) != (h, w):
         x = F.resize(x.contiguous(), [nh, nw], interpolation=F.InterpolationMode.BILINEAR, antialias=True)

@@ -39,11 +39,18 @@ class PreparedData:
                 if ds is not None and len(ds)}
 
 
-def image_decoder(size: int | tuple[int, int], channels: int):
+def check_crop_pct(crop_pct: float | None) -> None:
+    """``ValueError`` unless ``crop_pct`` is None or in (0, 1]."""
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise ValueError(f"--crop-pct must be in (0, 1], got {crop_pct}")
+
+
+def image_decoder(size: int | tuple[int, int], channels: int, crop_pct: float = 1.0):
     from resnetlab.data.images import decode_image
 
+    check_crop_pct(crop_pct)
     hw = (size, size) if isinstance(size, int) else tuple(size)
-    return functools.partial(decode_image, size=hw, channels=channels), (channels, *hw), np.uint8
+    return functools.partial(decode_image, size=hw, channels=channels, crop_pct=crop_pct), (channels, *hw), np.uint8
 
 
 def audio_decoder(sample_rate: int, num_samples: int):
@@ -52,10 +59,12 @@ def audio_decoder(sample_rate: int, num_samples: int):
     return functools.partial(decode_audio, sample_rate=sample_rate, num_samples=num_samples), (num_samples,), np.int16
 
 
-def decoder_for(pipeline_cfg: dict):
-    """``(decode, sample_shape, dtype)`` that reproduce the cache format a checkpoint was trained on."""
+def decoder_for(pipeline_cfg: dict, crop_pct: float | None = None):
+    """``(decode, sample_shape, dtype)`` that reproduce the cache format a checkpoint was trained on; images with
+    ``crop_pct`` (evaluate / predict ``--crop-pct``) are center-cropped that share of a ``size / crop_pct`` cover
+    instead."""
     if pipeline_cfg["modality"] == "image":
-        return image_decoder(tuple(pipeline_cfg["size"]), pipeline_cfg["channels"])
+        return image_decoder(tuple(pipeline_cfg["size"]), pipeline_cfg["channels"], crop_pct or 1.0)
     return audio_decoder(pipeline_cfg["sample_rate"], pipeline_cfg["num_samples"])
 
 
@@ -146,11 +155,14 @@ def _decoding(modality: str, facts: dict):
     """``(decode, sample_shape, dtype, cache key)`` for ``facts`` (image size and channels, or sample rate and
     clip length)."""
     if modality == "image":
-        decode, shape, dtype = image_decoder(facts["img_size"], facts["channels"])
+        crop_pct = facts.get("crop_pct") or 1.0
+        decode, shape, dtype = image_decoder(facts["img_size"], facts["channels"], crop_pct)
         from resnetlab.data.images import decoder_versions
 
         key = {"modality": "image", "size": facts["img_size"], "channels": facts["channels"],
                "decoder": decoder_versions()}
+        if crop_pct != 1.0:  # only then: caches made before --crop-pct existed keep their keys
+            key["crop_pct"] = crop_pct
     else:
         decode, shape, dtype = audio_decoder(facts["sample_rate"], facts["num_samples"])
         from resnetlab.data.audio import decoder_versions
