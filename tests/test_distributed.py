@@ -104,11 +104,11 @@ def _fit_rank(rank: int, world: int, init_file: str, out: str, nan_at: tuple[int
 def test_a_nan_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     """Rank 1's loss turns NaN at step 3, rank 0's stays finite: the flag rides on the step's all-reduce, so both
     ranks raise TrainingDiverged at that step with the same message (before: rank 1 raised alone and rank 0 waited
-    in its next all-reduce, for the 30-minute timeout under torchrun). Two gloo processes, forked from this one
-    (no second import of torch)."""
+    in its next all-reduce, for the 30-minute timeout under torchrun). Two gloo processes, spawned: a fork would
+    copy autograd's worker threads of the tests that ran before in this process, and backward refuses to run."""
     import multiprocessing
 
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")
     said = ctx.Queue()
     procs = [ctx.Process(target=_fit_rank, args=(r, 2, str(tmp_path / "init"), str(tmp_path / "run"), (1, 3), said))
              for r in range(2)]
